@@ -1,0 +1,343 @@
+"""Tests for ctm_core.networks: interface, initialisation, conditioning, precision, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ctm_core.networks import MLPBackbone, UNetBackbone, count_parameters
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tiny_unet(num_classes: int = 0, dropout: float = 0.0, **kwargs) -> UNetBackbone:
+    cfg = dict(img_resolution=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+               attn_resolutions=(4,), dropout=dropout, num_classes=num_classes)
+    cfg.update(kwargs)
+    return UNetBackbone(**cfg)
+
+
+def tiny_mlp(num_classes: int = 0, dim: int = 2, **kwargs) -> MLPBackbone:
+    return MLPBackbone(dim=dim, hidden=32, depth=2, emb_dim=16, num_classes=num_classes, **kwargs)
+
+
+def make_inputs(model, batch: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, UNetBackbone):
+        shape = (batch, model.in_channels, model.img_resolution, model.img_resolution)
+    else:
+        shape = (batch, model.dim)
+    x = torch.randn(shape, generator=g)
+    sigma_t = torch.exp(torch.empty(batch).uniform_(math.log(0.002), math.log(80.0), generator=g))
+    sigma_s = sigma_t * torch.rand(batch, generator=g)
+    noise_t, noise_s = sigma_t.log() / 4, sigma_s.clamp_min(0.002).log() / 4
+    labels = torch.randint(0, model.num_classes, (batch,), generator=g) if model.num_classes else None
+    return x, noise_t, noise_s, labels
+
+
+def perturb_output_layer(model, std: float = 0.1, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.last_layer_weight()
+        w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def randomize(model, seed: int = 2) -> None:
+    """Give every weight matrix/kernel a generic O(1/sqrt(fan_in)) value (norm scales and
+    biases keep their init) so that each path, including the near-zero-init ones, carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+
+
+MODELS = {
+    "mlp": lambda: tiny_mlp(),
+    "mlp_cond": lambda: tiny_mlp(num_classes=5),
+    "unet": lambda: tiny_unet(),
+    "unet_cond": lambda: tiny_unet(num_classes=4),
+    "unet_film16": lambda: tiny_unet(img_resolution=16, channel_mult=(1, 1, 2), attn_resolutions=(8,),
+                                     adaptive_scale=True, num_heads=2),
+}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, dtype, zero init
+
+
+def test_output_shape_dtype_and_zero_at_init(model):
+    x, nt, ns, y = make_inputs(model)
+    out = model(x, nt, ns, y)
+    assert out.shape == x.shape
+    assert out.dtype == x.dtype
+    assert torch.count_nonzero(out) == 0, "zero-initialised output layer must give F = 0"
+    perturb_output_layer(model)
+    out = model(x, nt, ns, y)
+    assert out.abs().mean() > 1e-3
+    assert torch.isfinite(out).all()
+
+
+def test_last_layer_weight_is_the_output_layer(model):
+    w = model.last_layer_weight()
+    assert isinstance(w, torch.nn.Parameter)
+    assert any(w is p for p in model.parameters())
+    assert torch.count_nonzero(w) == 0
+    out_dim = model.out_channels if isinstance(model, UNetBackbone) else model.dim
+    assert w.shape[0] == out_dim
+
+
+def test_unet_out_channels_differs_from_input():
+    net = tiny_unet(out_channels=5).eval()
+    x, nt, ns, _ = make_inputs(net)
+    assert net(x, nt, ns).shape == (3, 5, 8, 8)
+
+
+def test_float64_input_gives_float64_output():
+    net = tiny_mlp().double()
+    x, nt, ns, _ = make_inputs(net)
+    out = net(x.double(), nt.double(), ns.double())
+    assert out.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: t, s and the class all matter
+
+
+def test_s_and_t_matter_with_only_output_layer_perturbed(model):
+    """With the default init (tiny but non-zero residual convs) s and t already reach F."""
+    perturb_output_layer(model)
+    x, nt, ns, y = make_inputs(model)
+    base = model(x, nt, ns, y)
+    assert not torch.equal(model(x, nt, ns + 0.5, y), base), "noise_s has no effect"
+    assert not torch.equal(model(x, nt + 0.5, ns, y), base), "noise_t has no effect"
+
+
+def test_s_and_t_matter_substantially_after_randomization(model):
+    randomize(model)
+    x, nt, ns, y = make_inputs(model)
+    base = model(x, nt, ns, y)
+    scale = base.abs().mean()
+    for name, out in (("noise_s", model(x, nt, ns + 0.5, y)), ("noise_t", model(x, nt + 0.5, ns, y))):
+        rel = (out - base).abs().mean() / scale
+        assert rel > 1e-2, f"{name} barely changes the output (relative change {rel:.2e})"
+    # s and t enter through different layers: swapping them must change the output.
+    assert not torch.allclose(model(x, ns, nt, y), base)
+
+
+def test_s_effect_is_per_sample(model):
+    """Changing s for sample 0 only must leave the other samples untouched (no batch mixing)."""
+    randomize(model)
+    x, nt, ns, y = make_inputs(model)
+    base = model(x, nt, ns, y)
+    ns2 = ns.clone()
+    ns2[0] += 0.5
+    out = model(x, nt, ns2, y)
+    assert not torch.allclose(out[0], base[0])
+    torch.testing.assert_close(out[1:], base[1:])
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_mlp(num_classes=5), lambda: tiny_unet(num_classes=4)])
+def test_class_label_matters(factory):
+    torch.manual_seed(0)
+    net = factory().eval()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    other = (y + 1) % net.num_classes
+    assert not torch.allclose(net(x, nt, ns, y), net(x, nt, ns, other))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, memory format, compile
+
+
+@pytest.mark.parametrize("name", ["mlp", "unet_cond", "unet_film16"])
+def test_bf16_autocast_cpu_close_to_fp32(name):
+    torch.manual_seed(0)
+    net = MODELS[name]().eval()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    ref = net(x, nt, ns, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, nt, ns, y)
+    assert out.dtype == torch.float32, "output is returned in x_in's dtype"
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 5e-2, f"bf16 autocast deviates by {rel:.3f} (relative L2)"
+    assert rel > 0, "autocast seems to have had no effect"
+
+
+def test_full_bf16_weights_run():
+    torch.manual_seed(0)
+    net = tiny_unet(num_classes=4).eval()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    ref = net(x, nt, ns, y)
+    out = net.to(torch.bfloat16)(x.bfloat16(), nt, ns, y)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 5e-2
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    net = tiny_unet(num_classes=4).eval()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    ref = net(x, nt, ns, y)
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(x_cl, nt, ns, y), ref, rtol=1e-4, atol=1e-5)
+    net_cl = net.to(memory_format=torch.channels_last)
+    out = net_cl(x_cl, nt, ns, y)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_has_no_graph_breaks():
+    """fullgraph=True fails on any graph break, e.g. data-dependent Python control flow.
+    The 'eager' backend traces with dynamo but skips code generation, so this stays fast."""
+    torch.manual_seed(0)
+    net = tiny_unet(num_classes=4).eval()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, nt, ns, y), net(x, nt, ns, y))
+    mlp = tiny_mlp().eval()
+    randomize(mlp)
+    xm, ntm, nsm, _ = make_inputs(mlp)
+    compiled_mlp = torch.compile(mlp, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled_mlp(xm, ntm, nsm), mlp(xm, ntm, nsm))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients and determinism
+
+
+def test_gradients_reach_every_parameter(model):
+    """At the default init every parameter gets a gradient tensor (no None: nothing unused).
+    After randomization every gradient is also non-zero (the zero output layer blocks
+    upstream gradients only at the very first step)."""
+    model.train()
+    x, nt, ns, y = make_inputs(model)
+    model(x, nt, ns, y).square().mean().backward()  # zero at init, but the graph is complete
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert model.last_layer_weight().grad.abs().sum() == 0  # d(mean F^2)/dW = 0 when F = 0
+
+    model.zero_grad(set_to_none=True)
+    randomize(model)
+    target = torch.randn_like(x)
+    (model(x, nt, ns, y) - target).square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, f"parameters with zero gradient: {dead}"
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_mlp(num_classes=5, dropout=0.2),
+                                     lambda: tiny_unet(num_classes=4, dropout=0.2)])
+def test_determinism_under_manual_seed(factory):
+    def build_and_run():
+        torch.manual_seed(123)
+        net = factory()
+        perturb_output_layer(net)
+        net.train()  # dropout active: also consumes the global RNG
+        x, nt, ns, y = make_inputs(net)
+        return [p.detach().clone() for p in net.parameters()], net(x, nt, ns, y)
+
+    params_a, out_a = build_and_run()
+    params_b, out_b = build_and_run()
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert torch.equal(out_a, out_b)
+
+
+def test_dropout_active_in_train_mode_only():
+    torch.manual_seed(0)
+    net = tiny_unet(dropout=0.5)
+    randomize(net)
+    x, nt, ns, _ = make_inputs(net)
+    net.train()
+    assert not torch.equal(net(x, nt, ns), net(x, nt, ns))
+    net.eval()
+    assert torch.equal(net(x, nt, ns), net(x, nt, ns))
+
+
+# ---------------------------------------------------------------------------------------------
+# Size at the paper's CIFAR-10 setting
+
+
+def test_cifar10_parameter_count():
+    with torch.device("meta"):
+        net = UNetBackbone(img_resolution=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2),
+                           num_blocks=4, attn_resolutions=(16,), dropout=0.13)
+        net_cond = UNetBackbone(img_resolution=32, in_channels=3, num_classes=10)
+    n = count_parameters(net)
+    print(f"CIFAR-10 CTM U-Net parameters: {n:,} (class-conditional: {count_parameters(net_cond):,})")
+    assert 55_000_000 <= n <= 62_000_000
+    # The s-conditioning (separate s-mapping MLP + one affine_s per block) is an exact add-on to
+    # the DDPM++ body: removing it leaves EDM's 55.7M.
+    s_params = sum(p.numel() for name, p in net.named_parameters() if "affine_s" in name or "map_s" in name)
+    assert 55_600_000 <= n - s_params <= 55_800_000
+    assert count_parameters(net_cond) - n == 10 * 128
+    assert count_parameters(net, trainable_only=True) == n
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+
+
+@pytest.mark.parametrize("name", ["mlp_cond", "unet_cond"])
+def test_bad_inputs_raise_value_error_naming_argument(name):
+    torch.manual_seed(0)
+    net = MODELS[name]().eval()
+    x, nt, ns, y = make_inputs(net)
+    cases = [
+        ("x_in", lambda: net(x[..., :1], nt, ns, y)),            # wrong data shape
+        ("x_in", lambda: net(x[0], nt, ns, y)),                  # missing batch dim
+        ("x_in", lambda: net(x.long(), nt, ns, y)),              # integer data
+        ("noise_t", lambda: net(x, nt[:2], ns, y)),              # wrong batch size
+        ("noise_t", lambda: net(x, nt[:, None], ns, y)),         # (B, 1) instead of (B,)
+        ("noise_s", lambda: net(x, nt, ns.long(), y)),           # integer noise
+        ("noise_s", lambda: net(x, nt, 0.3, y)),                 # not a tensor
+        ("class_labels", lambda: net(x, nt, ns, None)),          # missing labels
+        ("class_labels", lambda: net(x, nt, ns, y.float())),     # float labels
+        ("class_labels", lambda: net(x, nt, ns, y[:1])),         # wrong batch size
+    ]
+    for arg, call in cases:
+        with pytest.raises(ValueError, match=arg):
+            call()
+
+
+def test_labels_given_to_unconditional_model_raise():
+    net = tiny_mlp().eval()
+    x, nt, ns, _ = make_inputs(net)
+    with pytest.raises(ValueError, match="class_labels"):
+        net(x, nt, ns, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        (dict(img_resolution=9), "img_resolution"),
+        (dict(channel_mult=()), "channel_mult"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(num_classes=-1), "num_classes"),
+        (dict(model_channels=0), "model_channels"),
+    ],
+)
+def test_bad_unet_constructor_arguments(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        tiny_unet(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, arg", [(dict(dim=0), "dim"), (dict(emb_dim=15), "emb_dim"),
+                                         (dict(depth=0), "depth"), (dict(dropout=-0.1), "dropout")])
+def test_bad_mlp_constructor_arguments(kwargs, arg):
+    cfg = dict(dim=2, hidden=32, depth=2, emb_dim=16)
+    cfg.update(kwargs)
+    with pytest.raises(ValueError, match=arg):
+        MLPBackbone(**cfg)
