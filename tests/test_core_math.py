@@ -1,0 +1,351 @@
+"""The CTM math against closed forms: Gaussian-mixture denoiser and its exact PF-ODE flow."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import ExactFlow, make_tiny_model
+from ctm_core import (EMABank, GridTimes, WeightSchedule, ctm_loss, dsm_loss, edm_scalings, gamma_sample,
+                      cm_multistep_sample, ctm_consistency_fn, heun_sample, karras_grid, l2_distance,
+                      sample_cd_times, sample_ctm_times, sample_dsm_times, solve_on_grid, solve_path)
+from ctm_core.process import VEProcess
+
+
+def _log_path(t: float, u: float, steps: int, batch: int) -> torch.Tensor:
+    times = torch.logspace(math.log10(t), math.log10(u), steps + 1, dtype=torch.float64)
+    return times[:, None].expand(-1, batch)
+
+
+# ---------------------------------------------------------------------------------------------- grid
+
+def test_karras_grid_endpoints_and_order(process):
+    grid = karras_grid(18, process)
+    assert grid[0] == process.sigma_max and grid[-1] == process.sigma_min
+    assert torch.all(grid[1:] < grid[:-1])
+    # CIFAR-10's N=18 grid as printed in the official code's notes
+    assert grid[1].item() == pytest.approx(57.6, rel=2e-3) and grid[-2].item() == pytest.approx(0.0075, rel=2e-2)
+
+
+def test_edm_scalings_unit_variance(process):
+    t = torch.tensor([0.01, 1.0, 50.0], dtype=torch.float64)
+    c_skip, c_out, c_in = edm_scalings(t, process.sigma_data)
+    sd2 = process.sigma_data ** 2
+    assert torch.allclose(c_in ** 2 * (sd2 + t ** 2), torch.ones(3, dtype=torch.float64))
+    # effective training target (x0 - c_skip x_t) / c_out has unit variance
+    assert torch.allclose(((1 - c_skip) ** 2 * sd2 + c_skip ** 2 * t ** 2) / c_out ** 2, torch.ones(3, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+
+@pytest.mark.parametrize("method,order", [("heun", 2.0), ("euler", 1.0)])
+def test_solver_convergence_order(mixture, method, order):
+    gen = torch.Generator().manual_seed(0)
+    x0 = mixture.sample(64, gen).double()
+    t, u = 5.0, 0.2
+    x_t = x0 + t * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    exact = mixture.flow(x_t, t, u)
+    errors = [(solve_path(mixture.denoiser, x_t, _log_path(t, u, n, 64), method) - exact).norm(dim=1).mean().item()
+              for n in (8, 16, 32, 64)]
+    ratios = [errors[i] / errors[i + 1] for i in range(3)]
+    observed = math.log2(ratios[-1])
+    assert abs(observed - order) < 0.25, (errors, ratios)
+
+
+def test_solver_per_sample_times_match_individual_solves(mixture, process):
+    grid = karras_grid(18, process)
+    gen = torch.Generator().manual_seed(1)
+    x = mixture.sample(4, gen).double() + 3.0 * torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    start, end = torch.tensor([2, 5, 5, 9]), torch.tensor([4, 5, 12, 17])
+    batched = solve_on_grid(mixture.denoiser, x, grid, start, end, "heun", max_steps=17)
+    for b in range(4):
+        single = solve_on_grid(mixture.denoiser, x[b:b + 1], grid, start[b:b + 1], end[b:b + 1], "heun")
+        assert torch.allclose(batched[b], single[0], atol=1e-12)
+    assert torch.equal(batched[1], x[1])  # t == u: no step at all
+
+
+def test_solver_refuses_too_many_steps(process, mixture):
+    grid = karras_grid(18, process)
+    with pytest.raises(ValueError, match="max_steps"):
+        solve_on_grid(mixture.denoiser, torch.zeros(1, 2), grid, torch.tensor([0]), torch.tensor([17]), max_steps=16)
+
+
+def test_heun_on_grid_converges_to_exact_flow(mixture, process):
+    gen = torch.Generator().manual_seed(2)
+    x = mixture.sample(32, gen).double() + 2.0 * torch.randn(32, 2, generator=gen, dtype=torch.float64)
+    coarse, fine = karras_grid(40, process), karras_grid(157, process)  # 39 and 4 x 39 intervals
+    assert torch.allclose(coarse[10], fine[40]) and torch.allclose(coarse[30], fine[120])
+    exact = mixture.flow(x, coarse[10], coarse[30])
+    errors = []
+    for grid, (i, j) in ((coarse, (10, 30)), (fine, (40, 120))):
+        approx = solve_on_grid(mixture.denoiser, x, grid, torch.full((32,), i), torch.full((32,), j), "heun")
+        errors.append((approx - exact).abs().max().item())
+    assert errors[0] < 5e-3 and errors[1] < errors[0] / 8, errors
+
+
+# ---------------------------------------------------------------------------------------------- G and the CTM loss
+
+def test_jump_to_same_time_is_identity(process):
+    model = make_tiny_model(process)
+    x = torch.randn(16, 2)
+    t = karras_grid(18, process, torch.float32)[torch.randint(0, 18, (16,))]
+    assert torch.equal(model.jump(x, t, t), x)
+    assert torch.allclose(model.denoiser(x, t), model.denoise(x, t, t))
+
+
+def _exact_solver(mixture, grid):
+    return lambda x, ti, ui: solve_on_grid(mixture.denoiser, x, grid, ti, ui, "heun")
+
+
+def test_ctm_loss_vanishes_for_exact_flow_and_grows_when_perturbed(mixture, process):
+    grid = karras_grid(18, process)
+    gen = torch.Generator().manual_seed(3)
+    x0 = mixture.sample(48, gen).double()
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    times, _ = sample_ctm_times(48, 18, 17, gen)
+    exact = ExactFlow(mixture, process)
+    exact_solver = lambda x, ti, ui: mixture.flow(x, grid[ti], grid[ui])
+
+    class Perturbed(ExactFlow):
+        def jump(self, x, t, s, class_labels=None):
+            out = super().jump(x, t, s)
+            t_, s_ = torch.as_tensor(t).expand(x.shape[0]), torch.as_tensor(s).expand(x.shape[0])
+            return out + 0.2 * (1 - s_ / t_)[:, None]  # a bias that vanishes when s = t, as G must
+
+    perturbed = Perturbed(mixture, process)
+    # exact solver: zero up to integration tolerance; the 18-point Heun solver: zero up to its error
+    loss_exact, _ = ctm_loss(exact, exact, exact_solver, x0, noise, times, grid, l2_distance)
+    loss_heun, _ = ctm_loss(exact, exact, _exact_solver(mixture, grid), x0, noise, times, grid, l2_distance)
+    loss_p, _ = ctm_loss(perturbed, exact, exact_solver, x0, noise, times, grid, l2_distance)
+    assert loss_exact.mean() < 1e-14, loss_exact.mean()
+    assert loss_heun.mean() < 1e-3, loss_heun.mean()
+    assert loss_p.mean() > 1e-3 and loss_p.mean() > 10 * loss_heun.mean()
+
+
+def test_ctm_loss_with_student_target_choice(process, mixture):
+    grid = karras_grid(18, process, torch.float32)
+    student = make_tiny_model(process, seed=0)
+    bank = EMABank(student, [0.999])
+    target = bank[0.999]
+    gen = torch.Generator().manual_seed(4)
+    x0, noise = mixture.sample(8, gen), torch.randn(8, 2, generator=gen)
+    t_idx = torch.arange(8)
+    times = GridTimes(t_idx, t_idx + 3, t_idx + 6)  # s < u, so the u -> s jump matters
+    solver = _exact_solver(mixture, grid)
+    a, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student")
+    b, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target")
+    assert torch.allclose(a, b)  # target == student at initialisation
+    with torch.no_grad():
+        student.backbone.out.bias.add_(0.3)
+    a, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student")
+    b, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target")
+    assert not torch.allclose(a, b)
+
+
+def test_gradients_reach_the_student_only(process, mixture):
+    grid = karras_grid(18, process, torch.float32)
+    student = make_tiny_model(process, seed=0)
+    teacher = make_tiny_model(process, seed=1).requires_grad_(False)
+    bank = EMABank(student, [0.99, 0.999])
+    gen = torch.Generator().manual_seed(5)
+    x0, noise = mixture.sample(16, gen), torch.randn(16, 2, generator=gen)
+    times, _ = sample_ctm_times(16, 18, 17, gen)
+    solver = lambda x, ti, ui: solve_on_grid(teacher.denoiser, x, grid, ti, ui, "heun")
+    loss, _ = ctm_loss(student, bank[0.999], solver, x0, noise, times, grid)
+    loss.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in bank.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_ctm_loss_refuses_a_trainable_target(process, mixture):
+    grid = karras_grid(18, process, torch.float32)
+    model = make_tiny_model(process)
+    times = GridTimes(torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="target"):
+        ctm_loss(model, model, lambda x, a, b: x, torch.zeros(1, 2), torch.zeros(1, 2), times, grid)
+
+
+def test_ctm_time_sampling_matches_official_draw():
+    gen = torch.Generator().manual_seed(6)
+    ks = []
+    for _ in range(3000):
+        times, k = sample_ctm_times(4, 18, 17, gen)
+        assert torch.all(times.u_idx - times.t_idx == k)
+        assert torch.all(times.s_idx >= times.u_idx) and torch.all(times.s_idx <= 17)
+        assert torch.all(times.t_idx >= 0)
+        ks.append(k)
+    ks = torch.tensor(ks, dtype=torch.float64)
+    # P(k) proportional to k on 1..17: E[k] = sum k^2 / sum k = 1785 / 153 = 11.67
+    assert ks.mean().item() == pytest.approx(1785 / 153, abs=0.25)
+    cd = sample_cd_times(64, 18, gen)
+    assert torch.all(cd.u_idx == cd.t_idx + 1) and torch.all(cd.s_idx == 17)
+
+
+# ---------------------------------------------------------------------------------------------- DSM
+
+def test_dsm_loss_of_exact_denoiser_is_posterior_variance(mixture, process):
+    gen = torch.Generator().manual_seed(7)
+    n = 100_000
+    x0 = mixture.sample(n, gen).double()
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = sample_dsm_times(n, process, gen).double()
+    loss = dsm_loss(mixture.denoiser, x0, t, noise, weighting="uniform")
+    posterior = mixture.posterior_variance(x0 + t[:, None] * noise, t) / mixture.dim
+    stderr = (loss - posterior).std() / math.sqrt(n)
+    # Monte-Carlo tolerance: 4 standard errors of the paired difference
+    assert abs(loss.mean() - posterior.mean()) < 4 * stderr, (loss.mean(), posterior.mean(), stderr)
+    wrong = dsm_loss(lambda x, s: 1.1 * mixture.denoiser(x, s), x0, t, noise, weighting="uniform")
+    excess = wrong - loss
+    assert excess.mean() > 10 * excess.std() / math.sqrt(n)
+
+
+def test_dsm_time_sampling_halves(process):
+    gen = torch.Generator().manual_seed(8)
+    t = sample_dsm_times(200_000, process, gen).double()
+    lognormal, uniform = t[:100_000], t[100_000:]
+    assert lognormal.log().mean().item() == pytest.approx(-1.2, abs=0.02)
+    assert lognormal.log().std().item() == pytest.approx(1.2, abs=0.03)
+    # xi in [0, 0.7] of the rho-schedule: sigma in [karras(0.7), 80]
+    lo = (80 ** (1 / 7) + 0.7 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert uniform.min().item() >= lo * 0.999 and uniform.max().item() <= 80
+    assert uniform.median().item() > lognormal.median().item()
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+def test_gamma_one_equals_cm_multistep(process):
+    model = make_tiny_model(process)
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(9))
+    nfe = 4
+    a = gamma_sample(model, z, nfe, gamma=1.0, generator=torch.Generator().manual_seed(10))
+    times = karras_grid(nfe + 1, process).tolist()[:-1]
+    b = cm_multistep_sample(ctm_consistency_fn(model), z, times, process, generator=torch.Generator().manual_seed(10))
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gamma_zero_with_exact_flow_reproduces_the_flow(mixture, process):
+    exact = ExactFlow(mixture, process)
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    reference = mixture.flow(z * process.sigma_max, process.sigma_max, process.sigma_min)
+    for nfe in (1, 2, 4):
+        samples = gamma_sample(exact, z, nfe, gamma=0.0)
+        assert torch.allclose(samples, reference, atol=1e-6), nfe
+
+
+def test_gamma_sampling_boundary_cases_and_randomness(process):
+    model = make_tiny_model(process)
+    z = torch.randn(8, 2, generator=torch.Generator().manual_seed(12))
+    one = gamma_sample(model, z, 1, gamma=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(one, model.jump(z * process.sigma_max, process.sigma_max, process.sigma_min))
+    a = gamma_sample(model, z, 3, gamma=0.5, generator=torch.Generator().manual_seed(0))
+    b = gamma_sample(model, z, 3, gamma=0.5, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, b)
+    assert torch.equal(gamma_sample(model, z, 3, 0.0), gamma_sample(model, z, 3, 0.0))
+
+
+def test_teacher_heun_sampler_matches_exact_flow(mixture, process):
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    samples = heun_sample(mixture.denoiser, z, 80, process)
+    reference = mixture.flow(z * process.sigma_max, process.sigma_max, process.sigma_min)
+    # the last step goes sigma_min -> 0, which barely moves x
+    assert (samples - reference).abs().max() < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- EMA and schedules
+
+def test_ema_bank_tracks_rates(process):
+    model = make_tiny_model(process)
+    bank = EMABank(model, [0.0, 0.5, 0.9])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in bank[0.5].parameters()]
+    bank.update(model)
+    for p_avg, p_before, p in zip(bank[0.5].parameters(), before, model.parameters()):
+        assert torch.allclose(p_avg, 0.5 * p_before + 0.5 * p)
+    for p_avg, p in zip(bank[0.0].parameters(), model.parameters()):
+        assert torch.equal(p_avg, p)
+    assert not any(p.requires_grad for p in bank.parameters())
+
+
+def test_weight_schedule_shapes():
+    ramp = WeightSchedule(value=1.0, start=10, ramp_steps=9)
+    assert ramp(9) == 0 and not ramp.is_active(9)
+    assert 0 < ramp(10) < ramp(14) < ramp(18) < 1 and ramp(19) == 1.0 and ramp(10**6) == 1.0
+    cos = WeightSchedule(value=2.0, start=0, ramp_steps=100, shape="cosine")
+    assert cos(50) == pytest.approx(1.0, abs=0.05)
+    parsed = WeightSchedule.parse("0.1@200+100cos:adaptive", adaptive_max=10.0)
+    assert parsed == WeightSchedule(0.1, 200, 100, "cosine", True, 0.0, 10.0)
+    assert WeightSchedule.parse(parsed.label(), adaptive_max=10.0) == parsed
+    assert WeightSchedule.parse("off").is_off and WeightSchedule.parse("off").label() == "off"
+
+
+# ---------------------------------------------------------------------------------------------- dtypes, determinism
+
+def test_bf16_autocast_on_cpu(process):
+    model = make_tiny_model(process)
+    x, t = torch.randn(8, 2), torch.full((8,), 3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.jump(x, t, torch.full((8,), 0.5))
+    high = model.jump(x, t, torch.full((8,), 0.5))
+    assert low.shape == high.shape and torch.allclose(low.float(), high, rtol=5e-2, atol=5e-2)
+
+
+def test_images_shape_and_dtype(process):
+    class ConvBackbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, noise_t, noise_s, class_labels=None):
+            return self.conv(x) * (1 + noise_t - noise_s).reshape(-1, 1, 1, 1)
+
+    from ctm_core import CTMModel
+    model = CTMModel(ConvBackbone(), process)
+    for dtype in (torch.float32, torch.float64):
+        model = model.to(dtype)
+        x = torch.randn(4, 3, 8, 8, dtype=dtype)
+        out = model.jump(x, torch.full((4,), 10.0, dtype=dtype), torch.full((4,), 1.0, dtype=dtype))
+        assert out.shape == x.shape and out.dtype == dtype
+
+
+def test_losses_are_deterministic_under_a_seed(process, mixture):
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        student = make_tiny_model(process, seed=seed)
+        target = EMABank(student, [0.999])[0.999]
+        grid = karras_grid(18, process, torch.float32)
+        times, _ = sample_ctm_times(8, 18, 17, gen)
+        x0, noise = mixture.sample(8, gen), torch.randn(8, 2, generator=gen)
+        return ctm_loss(student, target, _exact_solver(mixture, grid), x0, noise, times, grid)[0]
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_name_the_argument(process):
+    model = make_tiny_model(process)
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"\bs\b"):
+        model.jump(x, torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.5]))
+    with pytest.raises(ValueError, match=r"\bt\b"):
+        model.jump(x, torch.tensor([100.0, 1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match=r"\bt\b"):
+        model.denoiser(x, torch.tensor([0.001, 1.0]))
+    with pytest.raises(ValueError, match="mu"):
+        EMABank(model, [1.0])
+    with pytest.raises(ValueError, match="mu"):
+        EMABank(model, [-0.1])
+    with pytest.raises(ValueError, match="num_points"):
+        karras_grid(1, process)
+    with pytest.raises(ValueError, match="num_points"):
+        sample_ctm_times(4, 1, 17)
+    with pytest.raises(ValueError, match="value"):
+        WeightSchedule(value=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        gamma_sample(model, x, 2, gamma=1.5)
+    with pytest.raises(ValueError, match="sigma_max"):
+        VEProcess(sigma_min=1.0, sigma_max=0.5)
