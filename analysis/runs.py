@@ -1,0 +1,270 @@
+"""Load the trials of a sweep from MLflow into one typed pandas DataFrame.
+
+One row per run. Column families (dotted MLflow names are kept verbatim after the prefix):
+
+    run_id, run_name, parent_run_id, status, start_time, end_time, duration_s
+    tag.<key>      every ``ctmlab.*`` tag. Strings, except ``tag.ctmlab.seed`` (Int64) and
+                   ``tag.ctmlab.git_dirty`` (boolean).
+    param.<key>    every param, parsed from MLflow's strings: ints, floats, bools, None and
+                   JSON/Python lists become real values. A column whose values are all ints is
+                   Int64, all numbers float64, all bools boolean, all strings str; a column that
+                   mixes strings with other kinds keeps the raw strings so that it stays sortable.
+    metric.<key>   the last logged value of every metric (what ``search_runs`` returns).
+    best.<key>     for ``eval/*`` keys only: the best (lowest) value over the run's history.
+
+Why ``best.*`` does not read metric histories: ``get_metric_history`` is one request per
+run x key, i.e. tens of thousands of requests for a 2,000-trial study. The sweep launcher
+therefore logs a summary metric ``best/<key>`` (= min over the history) at the end of every
+trial, and ``best.<key>`` is read from it. Runs that never wrote the summary (FAILED, KILLED
+or still RUNNING trials) fall back to the last logged value -- exact whenever the metric
+improved monotonically, an upper bound otherwise. ``exact_best=True`` replaces that fallback
+by the true minimum, paying one history request per such run x key; finished runs are never
+affected. ``df.attrs["best_source"]`` counts how many (run, key) values came from where.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+
+__all__ = ["load_runs", "list_sweeps", "parse_param_value", "typed_column", "mlflow_client"]
+
+TAG_PREFIX = "ctmlab."
+BEST_SUMMARY_PREFIX = "best/"
+EVAL_PREFIX = "eval/"
+PAGE_SIZE = 1000  # SQL stores accept up to 50,000 per page; 1,000 keeps each answer modest.
+BASE_COLUMNS = ("run_id", "run_name", "parent_run_id", "status", "start_time", "end_time", "duration_s")
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
+    """A client for ``tracking_uri`` (None: MLflow's own default) without touching global state."""
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+@functools.lru_cache(maxsize=65536)
+def parse_param_value(text: str | None) -> Any:
+    """Turn one MLflow param string back into the value the config held.
+
+    Numbers are matched by regex rather than ``int()``/``float()`` so that strings such as
+    ``"1_000"`` or ``" 3"`` stay strings. Lists come back as lists (JSON first, then Python
+    literals such as ``['a', 'b']`` or tuples). Anything unparsable stays the string it was.
+    """
+    if text is None:
+        return None
+    if text in ("None", "null"):
+        return None
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    if _FLOAT_RE.fullmatch(text):
+        return float(text)
+    if text[:1] in "[{(":
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                return text
+        if isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, (list, dict)):
+            return value
+    return text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def typed_column(values: Sequence[Any], raw: Sequence[str | None] | None = None) -> pd.Series:
+    """Give a column of parsed values one honest dtype (see the module docstring)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return pd.Series(values, dtype=object)
+    if all(isinstance(v, bool) for v in present):
+        return pd.Series(pd.array(list(values), dtype="boolean"))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+        return pd.Series(pd.array(list(values), dtype="Int64"))
+    if all(_is_number(v) for v in present):
+        return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
+    if all(isinstance(v, str) for v in present):
+        return pd.Series(list(values), dtype="str")
+    has_str = any(isinstance(v, str) for v in present)
+    if has_str and raw is not None:
+        return pd.Series(list(raw), dtype="str")
+    return pd.Series(list(values), dtype=object)
+
+
+def _quote(value: str, argument: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{argument}={value!r} contains both quote characters; MLflow filters cannot express it")
+
+
+def _resolve_experiment(client: MlflowClient, experiment: str):
+    if not isinstance(experiment, str) or not experiment:
+        raise ValueError(f"experiment must be a non-empty experiment name or id, got {experiment!r}")
+    found = client.get_experiment_by_name(experiment)
+    if found is None and experiment.isdigit():
+        try:
+            found = client.get_experiment(experiment)
+        except Exception:  # MLflow raises its own exception type for unknown ids
+            found = None
+    if found is None:
+        raise ValueError(
+            f"experiment {experiment!r} does not exist at tracking_uri {client.tracking_uri!r}"
+        )
+    return found
+
+
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    """Every matching run, one page of PAGE_SIZE at a time (never one request per run)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=PAGE_SIZE,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token or not len(page):
+            return runs
+
+
+def list_sweeps(experiment: str = "ctm-lab", tracking_uri: str | None = None) -> list[str]:
+    """Names of the sweeps launched into ``experiment`` (from their parent runs), sorted."""
+    client = mlflow_client(tracking_uri)
+    exp = _resolve_experiment(client, experiment)
+    parents = _search_all(client, exp.experiment_id, "tags.`ctmlab.role` = 'sweep'")
+    return sorted({r.data.tags.get("ctmlab.sweep", "") for r in parents} - {""})
+
+
+def _timestamps(millis: list[int | None]) -> pd.Series:
+    series = pd.Series([math.nan if m is None else float(m) for m in millis], dtype="float64")
+    return pd.to_datetime(series, unit="ms", utc=True)
+
+
+def _tag_column(key: str, values: list[str | None]) -> pd.Series:
+    if key == "ctmlab.seed":
+        parsed = [parse_param_value(v) for v in values]
+        if all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in parsed):
+            return pd.Series(pd.array(parsed, dtype="Int64"))
+    if key == "ctmlab.git_dirty":
+        parsed = [parse_param_value(v) for v in values]
+        if all(v is None or isinstance(v, bool) for v in parsed):
+            return pd.Series(pd.array(parsed, dtype="boolean"))
+    return pd.Series(values, dtype="str")
+
+
+def _best_values(
+    client: MlflowClient, runs: list[Run], eval_keys: Iterable[str], exact_best: bool
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    source = {"summary": 0, "last_value": 0, "history": 0}
+    columns: dict[str, list[float]] = {}
+    for key in sorted(eval_keys):
+        column = []
+        for run in runs:
+            metrics = run.data.metrics
+            summary = metrics.get(BEST_SUMMARY_PREFIX + key)
+            if summary is not None:
+                column.append(float(summary))
+                source["summary"] += 1
+            elif key not in metrics:
+                column.append(math.nan)
+            elif exact_best:
+                history = client.get_metric_history(run.info.run_id, key)
+                column.append(min((m.value for m in history), default=math.nan))
+                source["history"] += 1
+            else:
+                column.append(float(metrics[key]))
+                source["last_value"] += 1
+        columns[key] = column
+    return columns, source
+
+
+def load_runs(
+    experiment: str = "ctm-lab",
+    sweep: str | None = None,
+    tracking_uri: str | None = None,
+    include_parent: bool = False,
+    exact_best: bool = False,
+) -> pd.DataFrame:
+    """One row per trial run of ``sweep`` (all sweeps when None) in ``experiment``.
+
+    Parent runs (tag ``ctmlab.role = sweep``) are left out unless ``include_parent``. Deleted
+    runs are never returned. ``tracking_uri`` is used for this call only; the global MLflow
+    tracking URI is not changed. The frame's ``attrs`` record experiment, experiment_id,
+    tracking_uri, sweep and best_source so that plots can reach the same store later.
+    """
+    if sweep is not None and (not isinstance(sweep, str) or not sweep):
+        raise ValueError(f"sweep must be a non-empty string or None, got {sweep!r}")
+    client = mlflow_client(tracking_uri)
+    exp = _resolve_experiment(client, experiment)
+    filter_string = "" if sweep is None else f"tags.`ctmlab.sweep` = {_quote(sweep, 'sweep')}"
+    runs = _search_all(client, exp.experiment_id, filter_string)
+    if not include_parent:
+        runs = [r for r in runs if r.data.tags.get("ctmlab.role") != "sweep"]
+
+    columns: dict[str, pd.Series] = {
+        "run_id": pd.Series([r.info.run_id for r in runs], dtype="str"),
+        "run_name": pd.Series([r.info.run_name for r in runs], dtype="str"),
+        "parent_run_id": pd.Series([r.data.tags.get("mlflow.parentRunId") for r in runs], dtype="str"),
+        "status": pd.Series([r.info.status for r in runs], dtype="str"),
+        "start_time": _timestamps([r.info.start_time for r in runs]),
+        "end_time": _timestamps([r.info.end_time for r in runs]),
+    }
+    columns["duration_s"] = (columns["end_time"] - columns["start_time"]).dt.total_seconds()
+
+    tag_keys = sorted({k for r in runs for k in r.data.tags if k.startswith(TAG_PREFIX)})
+    for key in tag_keys:
+        columns[f"tag.{key}"] = _tag_column(key, [r.data.tags.get(key) for r in runs])
+
+    param_keys = sorted({k for r in runs for k in r.data.params})
+    for key in param_keys:
+        raw = [r.data.params.get(key) for r in runs]
+        columns[f"param.{key}"] = typed_column([parse_param_value(v) for v in raw], raw)
+
+    metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith(BEST_SUMMARY_PREFIX)})
+    for key in metric_keys:
+        columns[f"metric.{key}"] = pd.Series(
+            [r.data.metrics.get(key, math.nan) for r in runs], dtype="float64"
+        )
+
+    eval_keys = [k for k in metric_keys if k.startswith(EVAL_PREFIX)]
+    best, source = _best_values(client, runs, eval_keys, exact_best)
+    for key, values in best.items():
+        columns[f"best.{key}"] = pd.Series(values, dtype="float64")
+
+    frame = pd.DataFrame(columns)
+    frame.index = pd.RangeIndex(len(frame))
+    frame.attrs.update(
+        experiment=exp.name,
+        experiment_id=exp.experiment_id,
+        tracking_uri=client.tracking_uri,
+        sweep=sweep,
+        best_source=source,
+    )
+    return frame
