@@ -13,6 +13,15 @@ from ctm_core.networks import MLPBackbone, UNetBackbone, count_parameters
 # Helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The nets here are tiny: intra-op threads only add contention on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_unet(num_classes: int = 0, dropout: float = 0.0, **kwargs) -> UNetBackbone:
     cfg = dict(img_resolution=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                attn_resolutions=(4,), dropout=dropout, num_classes=num_classes)
