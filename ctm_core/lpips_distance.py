@@ -1,0 +1,113 @@
+"""LPIPS distance for the CTM loss, with the VGG16 backbone read from the local cache.
+
+The official CTM code measures its consistency loss with LPIPS after bilinearly
+upsampling small images to 224x224 (LPIPS features are tuned for ImageNet-sized inputs;
+at 32x32 the deep VGG layers see almost nothing). We build on the `lpips` package: its
+learned linear-layer weights ship inside the package, and the ImageNet VGG16 backbone is
+loaded from our cache instead of being downloaded by torchvision.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctm_core.pretrained import require_file, require_weights
+
+LPIPS_BACKBONE_ENTRY = "vgg16_lpips"
+_LPIPS_SLICES = ("slice1", "slice2", "slice3", "slice4", "slice5")
+# The conv layers of torchvision's VGG16 `features` (the ones LPIPS uses: all 13).
+_VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+
+def _vgg_features_state(path: Path) -> dict[str, torch.Tensor]:
+    """`features.N.*` tensors of a torchvision VGG16 state_dict file (classifier keys ignored)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone_path {path} does not hold a state_dict (got {type(state).__name__})")
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    expected = {f"{i}.{kind}" for i in _VGG16_CONV_INDICES for kind in ("weight", "bias")}
+    missing = sorted(expected - set(features), key=lambda k: int(k.split(".")[0]))
+    if missing:
+        raise ValueError(
+            f"backbone_path {path} is not a torchvision VGG16 state_dict: missing features.{missing[0]}"
+            f" (and {len(missing) - 1} more)"
+        )
+    return features
+
+
+def _load_vgg_backbone(lpips_net: nn.Module, features: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy torchvision VGG16 `features` weights into lpips' sliced copy of the same layers.
+
+    lpips keeps torchvision's layer indices as module names inside its five slices
+    (slice1.0 <- features.0, slice2.5 <- features.5, ...), so the mapping is by index.
+    """
+    with torch.no_grad():
+        for slice_name in _LPIPS_SLICES:
+            for key, param in getattr(lpips_net, slice_name).state_dict(keep_vars=True).items():
+                source = features[key]
+                if source.shape != param.shape:
+                    raise ValueError(
+                        f"backbone_path {path}: features.{key} has shape {tuple(source.shape)},"
+                        f" expected {tuple(param.shape)}"
+                    )
+                param.copy_(source)
+
+
+class LPIPSDistance(nn.Module):
+    """Per-sample LPIPS (VGG, v0.1) between image batches in [-1, 1].
+
+    Images whose height or width is below `resize_to` are bilinearly upsampled to
+    resize_to x resize_to first (None: never resize). Grayscale inputs are repeated to
+    three channels. All weights are frozen; gradients flow to the inputs only.
+
+    The backbone comes from `backbone_path` if given, else from the cache entry
+    'vgg16_lpips' (cache_dir > $CTM_LAB_CACHE > ~/.cache/ctm-lab).
+    """
+
+    def __init__(
+        self,
+        resize_to: int | None = 224,
+        cache_dir: str | os.PathLike | None = None,
+        backbone_path: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        if resize_to is not None and resize_to < 16:
+            raise ValueError(f"resize_to must be None or >= 16, got {resize_to}")
+        if backbone_path is not None:
+            path = require_file(backbone_path, LPIPS_BACKBONE_ENTRY)
+        else:
+            path = require_weights(LPIPS_BACKBONE_ENTRY, cache_dir)
+        features = _vgg_features_state(path)  # validate before the (slow) lpips construction
+        import lpips  # deferred: only LPIPS runs pay for the import
+
+        with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=` flag
+            warnings.simplefilter("ignore", UserWarning)
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        _load_vgg_backbone(self.lpips.net, features, path)
+        self.requires_grad_(False)
+        self.resize_to = resize_to
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # a fixed metric: lpips' dropout layers must stay off
+
+    def _prepare(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"{name} must have shape (B, 1 or 3, H, W), got {tuple(x.shape)}")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.resize_to is not None and min(x.shape[-2:]) < self.resize_to:
+            x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape != y.shape:
+            raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        d = self.lpips(self._prepare(x, "x"), self._prepare(y, "y"), normalize=False)
+        return d.reshape(x.shape[0])
