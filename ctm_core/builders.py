@@ -1,0 +1,71 @@
+"""Networks, optimisers and discriminators built from a config: the one place that maps
+config sections to constructors, shared by training, sampling and evaluation."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import GANConfig, ModelConfig, OptimConfig, TrainConfig
+from .parameterization import CTMModel
+from .process import VEProcess
+
+
+def data_meta(dataset) -> dict[str, Any]:
+    """What a checkpoint must remember of the data to rebuild its network without the data."""
+    return {"data_shape": list(dataset.data_shape), "num_classes": int(dataset.num_classes), "kind": dataset.kind}
+
+
+def build_process(config: TrainConfig) -> VEProcess:
+    return VEProcess(**asdict(config.process))
+
+
+def build_backbone(model: ModelConfig, meta: dict[str, Any], class_conditional: bool) -> nn.Module:
+    from .networks import MLPBackbone, UNetBackbone
+
+    shape, kind = tuple(meta["data_shape"]), meta["kind"]
+    num_classes = meta["num_classes"] if class_conditional else 0
+    if class_conditional and not num_classes:
+        raise ValueError("data.class_conditional is set but the dataset has no labels")
+    arch = model.arch if model.arch != "auto" else ("mlp" if kind == "vector" else "unet")
+    if arch == "mlp":
+        if len(shape) != 1:
+            raise ValueError(f"model.arch 'mlp' needs vector data (n, d); the data has shape {shape}")
+        return MLPBackbone(shape[0], hidden=model.hidden, depth=model.depth, emb_dim=model.emb_dim,
+                           num_classes=num_classes, dropout=model.dropout)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"model.arch 'unet' needs square images (n, c, h, h); the data has shape {shape}")
+    return UNetBackbone(shape[1], shape[0], model_channels=model.model_channels, channel_mult=model.channel_mult,
+                        num_blocks=model.num_blocks, attn_resolutions=model.attn_resolutions,
+                        dropout=model.dropout, num_classes=num_classes)
+
+
+def build_model(config: TrainConfig, meta: dict[str, Any]) -> CTMModel:
+    backbone = build_backbone(config.model, meta, config.data.class_conditional)
+    return CTMModel(backbone, build_process(config))
+
+
+def build_optimizer(params, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    if optim.name == "radam":
+        return torch.optim.RAdam(params, **kwargs)
+    if fused:
+        kwargs["fused"] = True
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(params, **kwargs)
+
+
+def build_discriminator(gan: GANConfig, meta: dict[str, Any], cache_dir: str | None) -> nn.Module:
+    from . import discriminators
+
+    kind = gan.discriminator
+    if kind == "auto":
+        kind = "vector" if meta["kind"] == "vector" else "projected"
+    if kind == "vector":
+        if len(meta["data_shape"]) != 1:
+            raise ValueError("gan.discriminator 'vector' needs vector data")
+        return discriminators.VectorDiscriminator(meta["data_shape"][0])
+    augment = {} if gan.augment else {"diffaug_policy": None}
+    return discriminators.build_paper_discriminator(cache_dir=cache_dir, **augment)

@@ -1,0 +1,109 @@
+"""The per-microbatch training objectives as modules, so DistributedDataParallel sees one
+forward and one backward per microbatch however many times the student is called inside.
+
+Frozen networks (EMA target, teacher, discriminator) are held outside the module registry:
+DDP must neither broadcast nor synchronise them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .losses import (Distance, GridTimes, adaptive_weight, ctm_loss, discriminator_loss, dsm_loss,
+                     generator_adversarial_loss)
+from .parameterization import CTMModel
+from .solvers import solve_on_grid
+
+
+@dataclass
+class MicroBatch:
+    """One microbatch and the randomness drawn for it (a slice of the global step's draw)."""
+
+    x0: Tensor
+    labels: Tensor | None
+    noise: Tensor          # for the CTM/CD term
+    times: GridTimes | None
+    dsm_noise: Tensor
+    dsm_t: Tensor
+
+
+@dataclass
+class StepWeights:
+    """Schedule values at this step; zero means the term is skipped entirely."""
+
+    ctm: float
+    dsm: float
+    gan: float
+    dsm_adaptive: bool
+    gan_adaptive: bool
+    dsm_clamp: tuple[float, float]
+    gan_clamp: tuple[float, float]
+
+
+class GeneratorObjective(nn.Module):
+    """L = lambda_CTM L_CTM + lambda_DSM w_DSM L_DSM + lambda_GAN w_GAN L_GAN (mode 'edm': L_DSM only)."""
+
+    def __init__(self, student: CTMModel, config: TrainConfig, grid: Tensor, distance: Distance,
+                 target: CTMModel, teacher: CTMModel | None, discriminator: nn.Module | None):
+        super().__init__()
+        self.student = student
+        self.config = config
+        self.register_buffer("grid", grid, persistent=False)
+        self.distance = distance
+        self._frozen = {"target": target, "teacher": teacher, "discriminator": discriminator}
+
+    def _solver(self, labels: Tensor | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """The t -> u segment: the teacher's Heun steps, or (ctm_scratch) the EMA student's own jump."""
+        target, teacher = self._frozen["target"], self._frozen["teacher"]
+        if teacher is None:
+            return lambda x, ti, ui: target.jump(x, self.grid[ti], self.grid[ui], labels)
+        method, max_steps = self.config.teacher.solver, self.config.ctm.max_steps
+        denoiser = lambda x, t: teacher.denoiser(x, t, labels)
+        return lambda x, ti, ui: solve_on_grid(denoiser, x, self.grid, ti, ui, method, max_steps)
+
+    def forward(self, batch: MicroBatch, weights: StepWeights) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """Returns (loss per microbatch sample, summed; detached logs; x_est for the discriminator)."""
+        cfg, student = self.config, self.student
+        denoiser = lambda x, t: student.denoiser(x, t, batch.labels)
+        logs: dict[str, Tensor] = {}
+        if cfg.mode == "edm":
+            l_dsm = dsm_loss(denoiser, batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
+                             student.process.sigma_data)
+            logs["loss_dsm"] = l_dsm.detach().mean()
+            return l_dsm.sum(), logs, None
+
+        target_inner = "target" if cfg.mode == "cd" else cfg.ctm.target_inner
+        l_ctm, x_est = ctm_loss(student, self._frozen["target"], self._solver(batch.labels), batch.x0, batch.noise,
+                                batch.times, self.grid, self.distance, target_inner, class_labels=batch.labels)
+        l_ctm = l_ctm.mean()
+        total = weights.ctm * l_ctm
+        logs["loss_ctm"] = l_ctm.detach()
+        last = student.backbone.last_layer_weight()
+        if weights.dsm > 0:
+            l_dsm = dsm_loss(denoiser, batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
+                             student.process.sigma_data).mean()
+            w = adaptive_weight(l_ctm, l_dsm, last, *weights.dsm_clamp) if weights.dsm_adaptive else 1.0
+            total = total + weights.dsm * w * l_dsm
+            logs["loss_dsm"], logs["weight_dsm"] = l_dsm.detach(), torch.as_tensor(weights.dsm * w).detach()
+        if weights.gan > 0:
+            l_gan = generator_adversarial_loss(self._frozen["discriminator"], x_est)
+            w = adaptive_weight(l_ctm, l_gan, last, *weights.gan_clamp) if weights.gan_adaptive else 1.0
+            total = total + weights.gan * w * l_gan
+            logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w).detach()
+        # the caller scales by microbatch / local batch, so this returns a batch-summed loss
+        return total * batch.x0.shape[0], logs, x_est.detach()
+
+
+class DiscriminatorObjective(nn.Module):
+    """Hinge loss of the discriminator on data vs the student's x_est (detached)."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: Tensor, fake: Tensor) -> Tensor:
+        return discriminator_loss(self.discriminator, real, fake) * real.shape[0]
