@@ -20,20 +20,30 @@ or still RUNNING trials) fall back to the last logged value -- exact whenever th
 improved monotonically, an upper bound otherwise. ``exact_best=True`` replaces that fallback
 by the true minimum, paying one history request per such run x key; finished runs are never
 affected. ``df.attrs["best_source"]`` counts how many (run, key) values came from where.
+
+How runs are read (``method``): "search" pages through ``MlflowClient.search_runs`` with a
+filter string (PAGE_SIZE runs per request); it works with every store, including a remote
+tracking server. For a SQL store (sqlite, postgres, mysql) MLflow's search materialises one ORM
+object per param, tag and metric (~120 per trial), which costs 8-12 s for 2,000 trials here, so
+"auto" reads such stores with "sql": the same rows selected with plain SQLAlchemy Core queries
+built on MLflow's own table models (runs, tags, params, latest_metrics; same experiment, same
+active lifecycle stage, same sweep tag), about 10x faster. Both produce identical frames.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 __all__ = ["load_runs", "list_sweeps", "parse_param_value", "typed_column", "mlflow_client"]
@@ -42,10 +52,25 @@ TAG_PREFIX = "ctmlab."
 BEST_SUMMARY_PREFIX = "best/"
 EVAL_PREFIX = "eval/"
 PAGE_SIZE = 1000  # SQL stores accept up to 50,000 per page; 1,000 keeps each answer modest.
-BASE_COLUMNS = ("run_id", "run_name", "parent_run_id", "status", "start_time", "end_time", "duration_s")
+
+# pandas >= 3 has a real string dtype (missing values stay missing); older pandas keeps objects.
+STR_DTYPE: Any = "str" if int(pd.__version__.split(".")[0]) >= 3 else object
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
+
+
+class RunRecord(NamedTuple):
+    """What load_runs needs of one run, whichever way it was read."""
+
+    run_id: str
+    run_name: str | None
+    status: str
+    start_time: int | None
+    end_time: int | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
 
 
 def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
@@ -53,7 +78,6 @@ def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-@functools.lru_cache(maxsize=65536)
 def parse_param_value(text: str | None) -> Any:
     """Turn one MLflow param string back into the value the config held.
 
@@ -61,6 +85,13 @@ def parse_param_value(text: str | None) -> Any:
     ``"1_000"`` or ``" 3"`` stay strings. Lists come back as lists (JSON first, then Python
     literals such as ``['a', 'b']`` or tuples). Anything unparsable stays the string it was.
     """
+    value = _parse_cached(text)
+    # The cache shares one object between equal strings; hand every row its own container.
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_cached(text: str | None) -> Any:
     if text is None:
         return None
     if text in ("None", "null"):
@@ -100,14 +131,16 @@ def typed_column(values: Sequence[Any], raw: Sequence[str | None] | None = None)
     if all(isinstance(v, bool) for v in present):
         return pd.Series(pd.array(list(values), dtype="boolean"))
     if all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        return pd.Series(pd.array(list(values), dtype="Int64"))
+        if all(-(2**63) <= v < 2**63 for v in present):
+            return pd.Series(pd.array(list(values), dtype="Int64"))
+        return pd.Series(list(values), dtype=object)  # beyond int64: keep Python ints
     if all(_is_number(v) for v in present):
         return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
     if all(isinstance(v, str) for v in present):
-        return pd.Series(list(values), dtype="str")
+        return pd.Series(list(values), dtype=STR_DTYPE)
     has_str = any(isinstance(v, str) for v in present)
     if has_str and raw is not None:
-        return pd.Series(list(raw), dtype="str")
+        return pd.Series(list(raw), dtype=STR_DTYPE)
     return pd.Series(list(values), dtype=object)
 
 
@@ -126,7 +159,7 @@ def _resolve_experiment(client: MlflowClient, experiment: str):
     if found is None and experiment.isdigit():
         try:
             found = client.get_experiment(experiment)
-        except Exception:  # MLflow raises its own exception type for unknown ids
+        except MlflowException:  # unknown id
             found = None
     if found is None:
         raise ValueError(
@@ -154,6 +187,64 @@ def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) ->
             return runs
 
 
+def _records_from_search(client: MlflowClient, experiment_id: str, sweep: str | None) -> list[RunRecord]:
+    filter_string = "" if sweep is None else f"tags.`ctmlab.sweep` = {_quote(sweep, 'sweep')}"
+    return [
+        RunRecord(r.info.run_id, r.info.run_name, r.info.status, r.info.start_time, r.info.end_time,
+                  dict(r.data.tags), dict(r.data.params), dict(r.data.metrics))
+        for r in _search_all(client, experiment_id, filter_string)
+    ]
+
+
+def _sql_store(client: MlflowClient):
+    """The client's SqlAlchemyStore, or None for file stores and tracking servers."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    return store if isinstance(store, SqlAlchemyStore) else None
+
+
+def _records_from_sql(store, experiment_id: str, sweep: str | None) -> list[RunRecord]:
+    """The rows search_runs would return, read without building ORM objects."""
+    from mlflow.entities import LifecycleStage
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
+    from sqlalchemy import select
+
+    selected = select(SqlRun.run_uuid).where(
+        SqlRun.experiment_id == int(experiment_id), SqlRun.lifecycle_stage == LifecycleStage.ACTIVE
+    )
+    if sweep is not None:
+        tagged = select(SqlTag.run_uuid).where(SqlTag.key == "ctmlab.sweep", SqlTag.value == sweep)
+        selected = selected.where(SqlRun.run_uuid.in_(tagged))
+    with store.ManagedSessionMaker() as session:
+        info = session.execute(
+            select(SqlRun.run_uuid, SqlRun.name, SqlRun.status, SqlRun.start_time, SqlRun.end_time)
+            .where(SqlRun.run_uuid.in_(selected))
+            .order_by(SqlRun.start_time, SqlRun.run_uuid)
+        ).all()
+        tags = session.execute(
+            select(SqlTag.run_uuid, SqlTag.key, SqlTag.value).where(SqlTag.run_uuid.in_(selected))
+        ).all()
+        params = session.execute(
+            select(SqlParam.run_uuid, SqlParam.key, SqlParam.value).where(SqlParam.run_uuid.in_(selected))
+        ).all()
+        metrics = session.execute(
+            select(SqlLatestMetric.run_uuid, SqlLatestMetric.key, SqlLatestMetric.value, SqlLatestMetric.is_nan)
+            .where(SqlLatestMetric.run_uuid.in_(selected))
+        ).all()
+    by_run: dict[str, tuple[dict, dict, dict]] = {row[0]: ({}, {}, {}) for row in info}
+    for run_id, key, value in tags:
+        by_run[run_id][0][key] = value
+    for run_id, key, value in params:
+        by_run[run_id][1][key] = value
+    for run_id, key, value, is_nan in metrics:
+        by_run[run_id][2][key] = math.nan if is_nan else value
+    return [
+        RunRecord(run_id, name, status, start, end, *by_run[run_id])
+        for run_id, name, status, start, end in info
+    ]
+
+
 def list_sweeps(experiment: str = "ctm-lab", tracking_uri: str | None = None) -> list[str]:
     """Names of the sweeps launched into ``experiment`` (from their parent runs), sorted."""
     client = mlflow_client(tracking_uri)
@@ -176,18 +267,18 @@ def _tag_column(key: str, values: list[str | None]) -> pd.Series:
         parsed = [parse_param_value(v) for v in values]
         if all(v is None or isinstance(v, bool) for v in parsed):
             return pd.Series(pd.array(parsed, dtype="boolean"))
-    return pd.Series(values, dtype="str")
+    return pd.Series(values, dtype=STR_DTYPE)
 
 
 def _best_values(
-    client: MlflowClient, runs: list[Run], eval_keys: Iterable[str], exact_best: bool
+    client: MlflowClient, runs: list[RunRecord], eval_keys: Iterable[str], exact_best: bool
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     source = {"summary": 0, "last_value": 0, "history": 0}
     columns: dict[str, list[float]] = {}
     for key in sorted(eval_keys):
         column = []
         for run in runs:
-            metrics = run.data.metrics
+            metrics = run.metrics
             summary = metrics.get(BEST_SUMMARY_PREFIX + key)
             if summary is not None:
                 column.append(float(summary))
@@ -195,7 +286,7 @@ def _best_values(
             elif key not in metrics:
                 column.append(math.nan)
             elif exact_best:
-                history = client.get_metric_history(run.info.run_id, key)
+                history = client.get_metric_history(run.run_id, key)
                 column.append(min((m.value for m in history), default=math.nan))
                 source["history"] += 1
             else:
@@ -211,47 +302,55 @@ def load_runs(
     tracking_uri: str | None = None,
     include_parent: bool = False,
     exact_best: bool = False,
+    method: str = "auto",
 ) -> pd.DataFrame:
     """One row per trial run of ``sweep`` (all sweeps when None) in ``experiment``.
 
     Parent runs (tag ``ctmlab.role = sweep``) are left out unless ``include_parent``. Deleted
-    runs are never returned. ``tracking_uri`` is used for this call only; the global MLflow
-    tracking URI is not changed. The frame's ``attrs`` record experiment, experiment_id,
-    tracking_uri, sweep and best_source so that plots can reach the same store later.
+    runs are never returned. Rows are ordered by start time. ``tracking_uri`` is used for this
+    call only; the global MLflow tracking URI is not changed. ``method``: "auto", "search" or
+    "sql" (see the module docstring). The frame's ``attrs`` record experiment, experiment_id,
+    tracking_uri, sweep, method and best_source so that plots can reach the same store later.
     """
     if sweep is not None and (not isinstance(sweep, str) or not sweep):
         raise ValueError(f"sweep must be a non-empty string or None, got {sweep!r}")
+    if method not in ("auto", "search", "sql"):
+        raise ValueError(f"method must be 'auto', 'search' or 'sql', got {method!r}")
     client = mlflow_client(tracking_uri)
     exp = _resolve_experiment(client, experiment)
-    filter_string = "" if sweep is None else f"tags.`ctmlab.sweep` = {_quote(sweep, 'sweep')}"
-    runs = _search_all(client, exp.experiment_id, filter_string)
+    store = _sql_store(client) if method in ("auto", "sql") else None
+    if method == "sql" and store is None:
+        raise ValueError(f"method='sql' needs a SQL tracking store, not {client.tracking_uri!r}")
+    if store is not None:
+        runs, method = _records_from_sql(store, exp.experiment_id, sweep), "sql"
+    else:
+        runs, method = _records_from_search(client, exp.experiment_id, sweep), "search"
     if not include_parent:
-        runs = [r for r in runs if r.data.tags.get("ctmlab.role") != "sweep"]
+        runs = [r for r in runs if r.tags.get("ctmlab.role") != "sweep"]
+    runs.sort(key=lambda r: (r.start_time or 0, r.run_id))
 
     columns: dict[str, pd.Series] = {
-        "run_id": pd.Series([r.info.run_id for r in runs], dtype="str"),
-        "run_name": pd.Series([r.info.run_name for r in runs], dtype="str"),
-        "parent_run_id": pd.Series([r.data.tags.get("mlflow.parentRunId") for r in runs], dtype="str"),
-        "status": pd.Series([r.info.status for r in runs], dtype="str"),
-        "start_time": _timestamps([r.info.start_time for r in runs]),
-        "end_time": _timestamps([r.info.end_time for r in runs]),
+        "run_id": pd.Series([r.run_id for r in runs], dtype=STR_DTYPE),
+        "run_name": pd.Series([r.run_name for r in runs], dtype=STR_DTYPE),
+        "parent_run_id": pd.Series([r.tags.get("mlflow.parentRunId") for r in runs], dtype=STR_DTYPE),
+        "status": pd.Series([r.status for r in runs], dtype=STR_DTYPE),
+        "start_time": _timestamps([r.start_time for r in runs]),
+        "end_time": _timestamps([r.end_time for r in runs]),
     }
     columns["duration_s"] = (columns["end_time"] - columns["start_time"]).dt.total_seconds()
 
-    tag_keys = sorted({k for r in runs for k in r.data.tags if k.startswith(TAG_PREFIX)})
+    tag_keys = sorted({k for r in runs for k in r.tags if k.startswith(TAG_PREFIX)})
     for key in tag_keys:
-        columns[f"tag.{key}"] = _tag_column(key, [r.data.tags.get(key) for r in runs])
+        columns[f"tag.{key}"] = _tag_column(key, [r.tags.get(key) for r in runs])
 
-    param_keys = sorted({k for r in runs for k in r.data.params})
+    param_keys = sorted({k for r in runs for k in r.params})
     for key in param_keys:
-        raw = [r.data.params.get(key) for r in runs]
+        raw = [r.params.get(key) for r in runs]
         columns[f"param.{key}"] = typed_column([parse_param_value(v) for v in raw], raw)
 
-    metric_keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith(BEST_SUMMARY_PREFIX)})
+    metric_keys = sorted({k for r in runs for k in r.metrics if not k.startswith(BEST_SUMMARY_PREFIX)})
     for key in metric_keys:
-        columns[f"metric.{key}"] = pd.Series(
-            [r.data.metrics.get(key, math.nan) for r in runs], dtype="float64"
-        )
+        columns[f"metric.{key}"] = pd.Series([r.metrics.get(key, math.nan) for r in runs], dtype="float64")
 
     eval_keys = [k for k in metric_keys if k.startswith(EVAL_PREFIX)]
     best, source = _best_values(client, runs, eval_keys, exact_best)
@@ -259,12 +358,12 @@ def load_runs(
         columns[f"best.{key}"] = pd.Series(values, dtype="float64")
 
     frame = pd.DataFrame(columns)
-    frame.index = pd.RangeIndex(len(frame))
     frame.attrs.update(
         experiment=exp.name,
         experiment_id=exp.experiment_id,
         tracking_uri=client.tracking_uri,
         sweep=sweep,
+        method=method,
         best_source=source,
     )
     return frame

@@ -481,7 +481,9 @@ def ablation_table(
             columns = [{"label": _format_value(v), "column": metric_column, "kind": "value", "value": v, "nfe": None}
                        for v in values]
 
-    seed_values = [_hashable(v) for v in df[seeds]] if seeds is not None else list(df["run_id"])
+    real_seeds = [_hashable(v) for v in df[seeds]] if seeds is not None else [None] * len(df)
+    # A run without a seed is its own repeat (never merged with other seedless runs).
+    seed_values = [s if s is not None else f"run {r}" for s, r in zip(real_seeds, df["run_id"])]
     units = pd.DataFrame({
         "_row": row_key,
         "_col": [("g", g) for g in col_group],  # wrap so that None groups survive drop_duplicates
@@ -497,7 +499,7 @@ def ablation_table(
     elif expected_seeds is not None:
         universe = {_hashable(s) for s in expected_seeds}
     else:
-        universe = {s for s in seed_values if s is not None}
+        universe = {s for s in real_seeds if s is not None}
 
     row_order = sorted(set(row_key), key=_sort_key)
     center = next((a for a in agg if a in ("mean", "median")), agg[0])

@@ -206,6 +206,16 @@ def test_load_runs_exact_best_reads_history_only_where_needed(store):
     assert exact.attrs["best_source"] == {"summary": 7 * 10, "last_value": 0, "history": 2 * 10}
 
 
+def test_load_runs_sql_and_search_paths_agree(store, runs, monkeypatch):
+    assert runs.attrs["method"] == "sql"  # a sqlite store takes the fast path by default
+    monkeypatch.setattr("analysis.runs.PAGE_SIZE", 4)  # make the search path turn several pages
+    searched = load_runs("ctm-lab", sweep=SWEEP, tracking_uri=store["uri"], method="search")
+    assert searched.attrs["method"] == "search"
+    pd.testing.assert_frame_equal(runs, searched)
+    everything = load_runs("ctm-lab", tracking_uri=store["uri"], include_parent=True, method="search")
+    pd.testing.assert_frame_equal(load_runs("ctm-lab", tracking_uri=store["uri"], include_parent=True), everything)
+
+
 def test_load_runs_filters(store):
     with_parent = load_runs("ctm-lab", sweep=SWEEP, tracking_uri=store["uri"], include_parent=True)
     assert len(with_parent) == 10 and (with_parent["tag.ctmlab.role"] == "sweep").sum() == 1
