@@ -13,13 +13,15 @@ One row per run. Column families (dotted MLflow names are kept verbatim after th
     best.<key>     for ``eval/*`` keys only: the best (lowest) value over the run's history.
 
 Why ``best.*`` does not read metric histories: ``get_metric_history`` is one request per
-run x key, i.e. tens of thousands of requests for a 2,000-trial study. The sweep launcher
-therefore logs a summary metric ``best/<key>`` (= min over the history) at the end of every
-trial, and ``best.<key>`` is read from it. Runs that never wrote the summary (FAILED, KILLED
-or still RUNNING trials) fall back to the last logged value -- exact whenever the metric
-improved monotonically, an upper bound otherwise. ``exact_best=True`` replaces that fallback
-by the true minimum, paying one history request per such run x key; finished runs are never
-affected. ``df.attrs["best_source"]`` counts how many (run, key) values came from where.
+run x key, i.e. tens of thousands of requests for a 2,000-trial study. Instead ``best.<key>``
+is read from the summary metric ``best/<key>`` when the run has one: the sweep launcher logs it
+(= min over the history) at the end of a trial, and the trainer logs it for its checkpoint
+metric whenever that improves -- either way its last logged value is the minimum so far.
+A (run, key) without a summary (FAILED/KILLED/RUNNING trials, or keys nobody summarised) falls
+back to the last logged value: exact when the metric improved monotonically, an upper bound
+otherwise. ``exact_best=True`` replaces that fallback by the true minimum, paying one history
+request per such (run, key); summarised values are never re-read. ``df.attrs["best_source"]``
+counts how many (run, key) values came from each source ("summary", "last_value", "history").
 
 How runs are read (``method``): "search" pages through ``MlflowClient.search_runs`` with a
 filter string (PAGE_SIZE runs per request); it works with every store, including a remote

@@ -595,6 +595,11 @@ def ablation_table(
             notes.append(f"{label}: {distinct.pop()}")
         else:
             notes.extend(f"{label} / {col}: {issue}" for col, issue in issues.items())
+    source = df.attrs.get("best_source") or {}
+    if which == "best" and source.get("last_value"):
+        notes.append(f"best.* values of this frame: {source.get('summary', 0)} from best/ summaries, "
+                     f"{source['last_value']} are last logged values (no summary; an upper bound on the best), "
+                     f"{source.get('history', 0)} from full histories (load_runs(exact_best=True) makes all exact)")
     if superseded:
         notes.append(f"{superseded} duplicate run(s) of an already covered seed were ignored "
                      "(a FINISHED or newer run of the same seed was used)")

@@ -271,6 +271,7 @@ def test_ablation_table_options(store, runs):
     finished = np.array([min(v["history"]["eval/sw2/nfe2"]) for (m, _), v in store["logged"].items()
                          if m == 0.9999 and v["status"] == "FINISHED"])
     assert best.frame.loc["ema.mu=0.9999", ("NFE 2", "mean")] == pytest.approx(finished.mean())
+    assert any("20 are last logged values" in note for note in best.notes)  # the fallback is disclosed
     gamma = ablation_table(runs, rows="axis", metric="sw2", gamma=0.5, teacher=False)
     assert [c["column"] for c in gamma.columns] == ["metric.eval/sw2/nfe2/gamma0.5"]
     two_d = ablation_table(runs, rows="axis", cols="tag.ctmlab.seed", metric="eval/energy/nfe4")
