@@ -1,0 +1,89 @@
+"""One trial = one trainer run with an MLflow child run: the function Ray Tune and SLURM both call.
+
+Also here: the sweep's teacher, trained once per sweep root and cached by its config hash.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ctm_core import checkpoint as ckpt
+from ctm_core.train import Callback, train
+
+from .spec import SweepError, SweepPlan, Trial
+from .tracking import DEFAULT_EXPERIMENT, MlflowTrialCallback
+
+
+def run_trial(trial: Trial, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, parent_run_id: str | None = None,
+              extra_tags: dict[str, str] | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train `trial.config` (resuming from its out_dir) into one nested MLflow run; return final metrics.
+
+    Call it on every rank of a multi-process trial: the trainer runs callbacks on rank 0 only.
+    Extra `callbacks` (e.g. Ray Tune's reporter) run after the MLflow one. The returned dict holds
+    the run's latest metrics plus `step` and `mlflow_run_id` (None on ranks other than 0).
+    """
+    tracker = MlflowTrialCallback(trial, tracking_uri, experiment, parent_run_id, extra_tags)
+    try:
+        result = train(trial.config, [tracker, *callbacks])
+    except (KeyboardInterrupt, SystemExit):
+        tracker.fail("KILLED")
+        raise
+    except BaseException:
+        tracker.fail("FAILED")
+        raise
+    metrics: dict[str, Any] = dict(tracker.latest_metrics())
+    metrics.update(result.metrics)
+    metrics["step"] = result.step
+    metrics["mlflow_run_id"] = tracker.run_id
+    return metrics
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock so that two launches sharing a root train a teacher only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def teacher_is_trained(plan: SweepPlan) -> bool:
+    cfg = plan.teacher_config
+    if cfg is None:
+        return True
+    found = ckpt.list_checkpoints(cfg.runtime.out_dir)
+    return bool(found) and found[-1][0] >= cfg.train.steps
+
+
+def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
+    """Train the sweep's teacher unless its run dir (keyed by config hash) already holds the last step.
+
+    Returns {"checkpoint": path, "hash": ..., "trained": bool, "metrics": {...}} or None without a
+    teacher. A given `teacher.checkpoint` must exist.
+    """
+    if plan.teacher_checkpoint is None:
+        return None
+    if plan.teacher_config is None:
+        path = Path(plan.teacher_checkpoint)
+        if not path.exists():
+            raise SweepError(f"{plan.where}: teacher.checkpoint {path} does not exist")
+        return {"checkpoint": str(path), "hash": None, "trained": False, "metrics": {}}
+    cfg = plan.teacher_config
+    out_dir = Path(cfg.runtime.out_dir)
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        trained = False
+        if not teacher_is_trained(plan):
+            log(f"teacher: training {out_dir} ({cfg.train.steps} steps, mode edm, hash {plan.teacher_hash})")
+            train(cfg)
+            trained = True
+        else:
+            log(f"teacher: cached {out_dir} (hash {plan.teacher_hash})")
+    final = out_dir / "final_metrics.json"
+    metrics = json.loads(final.read_text()) if final.is_file() else {}
+    return {"checkpoint": str(out_dir), "hash": plan.teacher_hash, "trained": trained, "metrics": metrics}
