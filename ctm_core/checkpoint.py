@@ -97,3 +97,16 @@ def network_weights(state: dict[str, Any], ema_rate: float | None = None) -> dic
         return state["model"]
     prefix = ema_prefix(state["ema_rates"], ema_rate)
     return {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+
+
+def resolve_run_state(path: str | os.PathLike, what: str, map_location: Any = "cpu") -> tuple[Path, dict[str, Any]]:
+    """A run directory (its newest valid checkpoint) or a checkpoint file; errors name `what` (the option)."""
+    path = Path(path)
+    if path.is_dir():
+        found = load_latest_valid(path, map_location)
+        if found is None:
+            raise FileNotFoundError(f"{what}: no valid checkpoint in {path}")
+        return found
+    if path.is_file():
+        return path, load_checkpoint(path, map_location)
+    raise FileNotFoundError(f"{what}: {path} does not exist")

@@ -37,6 +37,9 @@ def _schedule_from_yaml(value: Any) -> Any:
 
 Schedule = Annotated[WeightSchedule, BeforeValidator(_schedule_from_yaml)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# auto / on / off; YAML 1.1 reads bare on/off as booleans, which mean the same here
+Switch = Annotated[Literal["auto", "on", "off"],
+                   BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)]
 
 
 @dataclass(config=_STRICT)
@@ -47,9 +50,17 @@ class ProcessConfig:
     sigma_data: PositiveFloat = 0.5
 
 
+def _check_data_spec(spec: str) -> str:
+    from .data import parse_data_spec
+
+    parse_data_spec(spec)  # raises DataSpecError (a ValueError) naming the problem
+    return spec
+
+
 @dataclass(config=_STRICT)
 class DataConfig:
-    spec: str = "toy:gmm2d_8"            # toy:<name> | digits[:16] | npy:<path> | cifar10:<root> | folder:<path>
+    # toy:<name> | digits[:16] | npy:<path> | cifar10:<root> | folder:<path>  (options: ?k=v&k=v)
+    spec: Annotated[str, AfterValidator(_check_data_spec)] = "toy:gmm2d_8"
     batch_size: Annotated[int, Field(ge=1)] = 256          # global batch, whatever the number of GPUs
     micro_batch: Optional[Annotated[int, Field(ge=1)]] = None  # per-GPU batch; None = batch_size / world
     class_conditional: bool = False
@@ -153,9 +164,9 @@ class TrainLoopConfig:
     log_every: Annotated[int, Field(ge=1)] = 50
     ckpt_every: Annotated[int, Field(ge=1)] = 500
     keep_last: Annotated[int, Field(ge=1)] = 2
-    bf16: Literal["auto", "on", "off"] = "auto"       # auto: on for CUDA
+    bf16: Switch = "auto"       # auto: on for CUDA
     compile: bool = False
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Switch = "auto"
 
 
 @dataclass(config=_STRICT)
@@ -163,7 +174,7 @@ class RuntimeConfig:
     out_dir: str = "runs/default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: bool = True                 # continue from the newest valid checkpoint in out_dir
-    progress: Literal["auto", "on", "off"] = "auto"
+    progress: Switch = "auto"
     cache_dir: Optional[str] = None     # pretrained weights (else CTM_LAB_CACHE or ~/.cache/ctm-lab)
 
 

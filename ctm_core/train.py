@@ -79,16 +79,7 @@ class TrainResult:
 
 def _load_teacher(config: TrainConfig, device: torch.device) -> tuple[CTMModel, dict[str, Any]]:
     """The teacher is the EMA (at its own eval rate) of an `edm`-mode run; the student must share its architecture."""
-    path = Path(config.teacher.checkpoint)
-    if path.is_dir():
-        found = ckpt.load_latest_valid(path)
-        if found is None:
-            raise FileNotFoundError(f"teacher.checkpoint: no valid checkpoint in {path}")
-        path, state = found
-    elif path.is_file():
-        state = ckpt.load_checkpoint(path)
-    else:
-        raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")
+    path, state = ckpt.resolve_run_state(config.teacher.checkpoint, "teacher.checkpoint")
     teacher_cfg = config_from_dict(state["config"])
     if teacher_cfg.mode != "edm":
         raise ValueError(f"teacher.checkpoint {path} comes from mode {teacher_cfg.mode!r}, not 'edm'")

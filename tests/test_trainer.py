@@ -1,0 +1,218 @@
+"""The trainer's contract: exact resume after a hard kill, DDP (gloo, 2 processes) equal to one
+process, callbacks and files, and config refusals that name the key."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ctm_core.checkpoint import list_checkpoints, load_checkpoint
+from ctm_core.config import ConfigError, config_to_dict, load_config
+from ctm_core.train import Callback, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.spec=toy:gmm2d_8?n=2000&n_test=500", "data.batch_size=32", "model.hidden=32", "model.depth=2",
+        "model.emb_dim=16", "eval.num_samples=200", "eval.nfe=[1,2]", "eval.teacher_steps=6", "train.log_every=10",
+        "runtime.progress=off"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _tiny(tmp: Path, name: str, extra: list[str]):
+    return load_config(overrides=TINY + [f"runtime.out_dir={tmp / name}"] + extra)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("teacher")
+    train(_tiny(out, "run", ["mode=edm", "train.steps=60", "train.ckpt_every=60"]))
+    return out / "run"
+
+
+def _train_records(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("train/") and k != "train/it_per_s"} | {"step": r["step"]}
+            for r in rows if any(k.startswith("train/") for k in r)]
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(list_checkpoints(run)[-1][1])
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()},
+            **{f"disc.{k}": v for k, v in (state["discriminator"] or {}).items()}}
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    from ctm_core.config import load_config
+    from ctm_core.train import Callback, train
+    torch.set_num_threads(1)
+
+    class KillAt(Callback):
+        def on_metrics(self, step, metrics):
+            if step == int(sys.argv[1]):
+                os.kill(os.getpid(), signal.SIGKILL)   # a hard crash: no cleanup, no final checkpoint
+
+    train(load_config(overrides=sys.argv[2:]), [KillAt()])
+""")
+
+
+@pytest.mark.parametrize("mode_overrides", [
+    ["mode=edm"],
+    ["mode=ctm", "loss.lambda_gan=0.1@50:adaptive", "loss.lambda_dsm=1:adaptive"],
+], ids=["edm", "ctm+gan"])
+def test_exact_resume_after_sigkill(tmp_path, teacher_dir, mode_overrides):
+    extra = mode_overrides + ["train.steps=200", "train.ckpt_every=100", "eval.every=0"]
+    if "mode=ctm" in mode_overrides:
+        extra.append(f"teacher.checkpoint={teacher_dir}")
+    straight = _tiny(tmp_path, "straight", extra)
+    train(straight)
+
+    crashed = tmp_path / "crashed"
+    args = [sys.executable, "-c", _KILL_SCRIPT, "130"] + TINY + extra + [f"runtime.out_dir={crashed}"]
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(crashed)] == [100]
+    assert max(r["step"] for r in _train_records(crashed)) == 130  # logged past the checkpoint, then died
+
+    train(_tiny(tmp_path, "crashed", extra))  # resumes from step 100
+    assert _train_records(crashed) == _train_records(tmp_path / "straight")
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_one(tmp_path, teacher_dir):
+    extra = ["mode=ctm", f"teacher.checkpoint={teacher_dir}", "train.steps=20", "train.ckpt_every=20",
+             "loss.lambda_gan=0.1@5", "eval.every=0", "data.micro_batch=8"]
+    train(_tiny(tmp_path, "single", extra))
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(_tiny(tmp_path, "ddp", extra))))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ctm_core.train", "--config", str(config_file)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+    losses_one = [r["train/loss_ctm"] for r in _train_records(tmp_path / "single")]
+    losses_two = [r["train/loss_ctm"] for r in _train_records(tmp_path / "ddp")]
+    assert np.allclose(losses_one, losses_two, rtol=1e-4)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, run):
+        self.events.append(("start", run.start_step))
+
+    def on_metrics(self, step, metrics):
+        self.events.append(("metrics", step, tuple(sorted(metrics))))
+
+    def on_checkpoint(self, step, path):
+        self.events.append(("checkpoint", step, Path(path).name))
+
+    def on_sample(self, step, path):
+        self.events.append(("sample", step, Path(path).suffix))
+
+    def on_end(self, result):
+        self.events.append(("end", result.step))
+
+    def state_dict(self):
+        return {"seen": len(self.events)}
+
+    def load_state_dict(self, state):
+        self.events.append(("restored", state.get("seen")))
+
+
+def test_callbacks_files_best_and_pruning(tmp_path, teacher_dir):
+    rec = Recorder()
+    config = _tiny(tmp_path, "run", ["mode=ctm", f"teacher.checkpoint={teacher_dir}", "train.steps=30",
+                                     "train.ckpt_every=10", "train.keep_last=2", "eval.every=15"])
+    result = train(config, [rec])
+    run = tmp_path / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [20, 30]
+    assert (run / "best.pt").exists() and (run / "config.yaml").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["mode"] == "ctm"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000015.png", "step_000000030.png"]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["step"] == 30 and "eval/sw2/nfe1" in final and "eval/sw2/teacher_nfe11" in final
+    assert result.metrics["eval/sw2/nfe2"] == final["eval/sw2/nfe2"]
+    kinds = [e[0] for e in rec.events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("checkpoint") == 3 and kinds.count("sample") == 2
+    # callback state travels with the checkpoint
+    more = Recorder()
+    train(load_config(overrides=TINY + [f"runtime.out_dir={run}", "mode=ctm", f"teacher.checkpoint={teacher_dir}",
+                                        "train.steps=40", "train.ckpt_every=10"]), [more])
+    assert more.events[0][0] == "restored" and more.events[0][1] > 0 and more.events[1] == ("start", 30)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
+    config = _tiny(tmp_path, "run", ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=0",
+                                     "eval.teacher_steps=null"])
+    train(config)
+    newest = list_checkpoints(tmp_path / "run")[-1][1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as after a crash mid-write on a bad filesystem
+    rec = Recorder()
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        train(_tiny(tmp_path, "run", ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=0",
+                                      "eval.teacher_steps=null"]), [rec])
+    assert rec.events[0] == ("restored", None) or rec.events[0][0] == "start"
+    assert ("start", 10) in rec.events
+
+
+def test_sample_cli_writes_npy(tmp_path, teacher_dir):
+    out = tmp_path / "s.npy"
+    proc = subprocess.run([sys.executable, "-m", "ctm_core.sample", "--ckpt", str(teacher_dir), "--nfe", "6",
+                           "--n", "50", "--out", str(out)], env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    samples = np.load(out)
+    assert samples.shape == (50, 2) and np.isfinite(samples).all()
+
+
+def test_print_config_cli_and_refusal_exit_code():
+    ok = subprocess.run([sys.executable, "-m", "ctm_core.train", "--print-config", "--set", "optim.lr=1e-3"],
+                        env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["optim"]["lr"] == 1e-3
+    bad = subprocess.run([sys.executable, "-m", "ctm_core.train", "--print-config", "--set", "optim.lrr=1e-3"],
+                         env=ENV, capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "optim.lrr" in bad.stderr and "allowed keys" in bad.stderr
+
+
+@pytest.mark.parametrize("override,key,fragment", [
+    ("optim.lrr=1", "optim.lrr", "unknown key"),
+    ("data.batch_size=many", "data.batch_size", "integer"),
+    ("optim.lr=-1", "optim.lr", "greater than 0"),
+    ("ema.rates=[0.9, 1.0]", "ema.rates", "[0, 1)"),
+    ("ema.target_rate=1.5", "ema.target_rate", "less than 1"),
+    ("ctm.num_points=1", "ctm.num_points", "greater than or equal to 2"),
+    ("ctm.distance=l3", "ctm.distance", "'l2'"),
+    ("mode=ctm", "teacher.checkpoint", "required"),
+    ("loss.lambda_dsm=-0.5", "loss.lambda_dsm", ">= 0"),
+    ("loss.lambda_gan=soon", "loss.lambda_gan", "cannot read weight schedule"),
+    ("data.spec=mnist", "data.spec", "known kinds"),
+    ("model.arch=transformer", "model.arch", "'mlp'"),
+])
+def test_bad_config_names_the_key(override, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert key in str(err.value) and fragment in str(err.value)
+
+
+def test_bad_yaml_file_and_microbatch(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 1e-3\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=r"optim\.warmup.*allowed keys"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"data\.micro_batch"):
+        train(_tiny(tmp_path, "mb", ["mode=edm", "data.micro_batch=5", "train.steps=2"]))
