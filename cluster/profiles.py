@@ -68,6 +68,7 @@ class ClusterProfile:
     signal_delay_s: int = 300               # USR2 this long before the limit -> checkpoint + requeue
     max_requeues: int = 10                  # time-outs a trial may take before it is given up
     array_parallelism: int = 4              # default %K of a sweep's job array
+    python: Optional[str] = None            # interpreter on the compute nodes; None: the submitting one
     setup: tuple[str, ...] = ()             # shell lines run before the job's tasks start
     env: Mapping[str, str] = field(default_factory=dict)      # exported in the job script
     trainer: Mapping[str, Any] = field(default_factory=dict)  # dotted trainer overrides
@@ -174,7 +175,7 @@ def profile_from_dict(data: Mapping[str, Any], origin: str = "<dict>") -> Cluste
     positive_int("signal_delay_s", 0)
     positive_int("max_requeues", 0)
     positive_int("array_parallelism")
-    for key in ("partition", "account", "qos", "constraint", "mem_per_gpu"):
+    for key in ("partition", "account", "qos", "constraint", "mem_per_gpu", "python"):
         optional_str(key)
     if values.get("mem_per_gpu") is not None and not _MEM_RE.match(str(values["mem_per_gpu"])):
         raise ProfileError(f"cluster.mem_per_gpu: expected an amount like 40G or 40960M, got {values['mem_per_gpu']!r}")
