@@ -333,9 +333,8 @@ def load_inception(inception_path: str | os.PathLike | None = None, cache_dir: s
     """A feature extractor uint8 images (n, 3, h, w) -> pool features (n, 2048), from local files only.
 
     Accepted: a TorchScript detector with NVIDIA's interface `net(images, return_features=True)`
-    (the inception-2015-12-05.pt used by StyleGAN2-ADA and EDM), given as inception_path. The
-    cache's default entry `inception_fid` holds pytorch-fid's state dict, which needs that
-    package's network definition; FIDBackendError says so when it is not installed.
+    (the inception-2015-12-05.pt used by StyleGAN2-ADA and EDM), given as inception_path, or the
+    cache's default entry `inception_fid`: pytorch-fid's state dict, built with that package.
     """
     if inception_path is not None:
         path = require_file(inception_path, INCEPTION_WEIGHTS)
@@ -350,10 +349,39 @@ def load_inception(inception_path: str | os.PathLike | None = None, cache_dir: s
             return net(images, return_features=True)
 
         return extract
-    raise FIDBackendError(
-        f"{path} is not a TorchScript detector. pytorch-fid state dicts such as "
-        f"pt_inception-2015-12-05-6726825d.pth need the pytorch-fid package's FID Inception, which this "
-        f"environment lacks; pass inception_path= to NVIDIA's TorchScript inception-2015-12-05.pt instead.")
+    return _pytorch_fid_extractor(path, device)
+
+
+def _pytorch_fid_extractor(path: Path, device: str | torch.device | None) -> Callable[[Tensor], Tensor]:
+    """pytorch-fid's FID Inception (the TF 2015-12-05 graph's port) with weights from `path`.
+
+    pytorch-fid fetches its weights through torch.hub; pointing the hub at a folder that holds only
+    our cached file makes it load that file and never touch the network.
+    """
+    import tempfile
+
+    try:
+        from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+    except ImportError as err:
+        raise FIDBackendError(f"{path} is a pytorch-fid state dict, which needs the pytorch-fid package "
+                              "(pip install pytorch-fid); or pass inception_path= to NVIDIA's TorchScript "
+                              "inception-2015-12-05.pt") from err
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as hub:
+        (Path(hub) / "checkpoints").mkdir()
+        (Path(hub) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]).symlink_to(Path(path).resolve())
+        torch.hub.set_dir(hub)
+        try:
+            net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True,
+                              use_fid_inception=True)
+        finally:
+            torch.hub.set_dir(previous)
+    net = net.eval().to(device or "cpu")
+
+    def extract(images: Tensor) -> Tensor:
+        return net(images.float() / 255.0)[0].flatten(1)
+
+    return extract
 
 
 def to_uint8_images(samples: Tensor) -> Tensor:

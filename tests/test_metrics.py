@@ -12,7 +12,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from ctm_core.data import load_dataset
-from ctm_core.metrics import (DIGITS_CLASSIFIER_FILE, FIDBackendError, MissingWeightsError, digits_classifier,
+from ctm_core.metrics import (load_inception, DIGITS_CLASSIFIER_FILE, FIDBackendError, MissingWeightsError, digits_classifier,
                               digits_fd, digits_features, energy_distance, fid_from_samples, frechet_distance,
                               gaussian_stats, load_reference_stats, save_reference_stats, sliced_wasserstein)
 
@@ -249,11 +249,36 @@ def test_fid_missing_weights_names_file_and_fix(tmp_path):
         fid_from_samples(samples, samples, inception_path=tmp_path / "nope.pt")
 
 
-def test_fid_state_dict_without_pytorch_fid_is_a_clear_error(tmp_path):
-    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save({"w": torch.zeros(1)}, path)
-    with pytest.raises(FIDBackendError, match="pytorch-fid"):
-        fid_from_samples(torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), cache_dir=tmp_path)
+def _random_fid_inception_state(seed: int) -> dict:
+    """pytorch-fid's FID Inception structure with random weights (the real file needs the network)."""
+    from pytorch_fid import inception as pf
+
+    torch.manual_seed(seed)
+    net = pf._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = pf.FIDInceptionA(192, 32), pf.FIDInceptionA(256, 64), pf.FIDInceptionA(288, 64)
+    net.Mixed_6b, net.Mixed_6c = pf.FIDInceptionC(768, 128), pf.FIDInceptionC(768, 160)
+    net.Mixed_6d, net.Mixed_6e = pf.FIDInceptionC(768, 160), pf.FIDInceptionC(768, 192)
+    net.Mixed_7b, net.Mixed_7c = pf.FIDInceptionE_1(1280), pf.FIDInceptionE_2(2048)
+    return net.state_dict()
+
+
+def test_fid_inception_from_the_cache_file_without_network(tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("FID Inception must not be downloaded at run time"))
+    images = (torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    features = []
+    for seed in (0, 1):
+        cache = tmp_path / f"cache{seed}"
+        cache.mkdir()
+        torch.save(_random_fid_inception_state(seed), cache / "pt_inception-2015-12-05-6726825d.pth")
+        extract = load_inception(cache_dir=cache)
+        with torch.no_grad():
+            features.append(extract(images))
+    assert features[0].shape == (3, 2048) and torch.isfinite(features[0]).all()
+    assert not torch.allclose(features[0], features[1])  # the cached file's weights are the ones used
+    assert torch.hub.get_dir() != str(tmp_path)  # the hub folder is restored
 
 
 def test_fid_with_torchscript_detector(fake_detector_path, tmp_path):
