@@ -1,0 +1,214 @@
+"""`launch.py --backend slurm` on a real single-node SLURM (cluster/testing): no mocks.
+
+Trials run on CPU; the node declares fake GPUs so `--gpus-per-node` schedules, and a 2-"GPU"
+trial runs as two SLURM tasks joined by gloo DDP. MLflow is a sqlite store in the test's temp dir.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.testing.conftest_slurm import slurm_cluster  # noqa: F401  (session fixture)
+
+
+TINY = """\
+name: {name}
+description: tiny EDM sweep for the SLURM tests
+set:
+  mode: edm
+  data.spec: toy:gmm2d_8
+  data.batch_size: {batch}
+  model.arch: mlp
+  model.hidden: {hidden}
+  model.depth: 2
+  model.emb_dim: 16
+  eval.every: 0
+  eval.nfe: [1]
+  eval.teacher_steps: 4
+  eval.num_samples: 200
+  train.steps: {steps}
+  train.log_every: {log_every}
+  train.ckpt_every: {ckpt_every}
+axes:
+  optim.lr: {lrs}
+seeds: {seeds}
+metric: train/loss_dsm
+resources: {{cpus: 1, gpus: {gpus}}}
+"""
+
+
+def _sweep_file(tmp_path: Path, name: str, **kw) -> Path:
+    values = dict(name=name, batch=32, hidden=32, steps=30, log_every=10, ckpt_every=10, lrs="[0.001]", seeds="[0]",
+                  gpus=0)
+    values.update(kw)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(**values))
+    return path
+
+
+def _launch(capsys, *args: str) -> str:
+    """`python sweeps/launch.py ARGS` in this process (its main(), saving an interpreter start-up);
+    the SLURM_CONF the fixture exported reaches sbatch/squeue as it would from a shell."""
+    from sweeps.launch import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    assert code == 0, f"launch.py {' '.join(args)} exited {code}:\n{out.out}\n{out.err}"
+    return out.out
+
+
+def _squeue(*args: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", *args], capture_output=True, text=True, timeout=30)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def _wait_for(predicate, timeout: float, what: str, on_fail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{on_fail()}")
+        time.sleep(0.5)
+
+
+def _logs(folder: Path) -> str:
+    parts = []
+    for path in sorted(folder.glob("*_log.*"))[-6:]:
+        parts.append(f"--- {path.name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:]))
+    return "\n".join(parts)
+
+
+def _jobs_record(root: Path) -> dict:
+    return json.loads((root / "slurm_jobs.json").read_text())["submissions"][-1]
+
+
+def _job_state(job_id: str) -> tuple[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState", ""), fields.get("Restarts", "")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str, sweep: str) -> list:
+    client = _client(uri)
+    exp = client.get_experiment_by_name("ctm-lab")
+    return client.search_runs([exp.experiment_id], f"tags.`ctmlab.sweep` = '{sweep}'", max_results=1000)
+
+
+class _RunningPeak(threading.Thread):
+    """Polls squeue for the array's RUNNING tasks; `peak` is the most seen at once."""
+
+    def __init__(self, array_id: str):
+        super().__init__(daemon=True)
+        self.array_id, self.peak, self.samples, self._halt = array_id, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            running = [j for j in _squeue("-t", "RUNNING", "-o", "%i") if j.startswith(f"{self.array_id}_")]
+            self.peak, self.samples = max(self.peak, len(running)), self.samples + 1
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit(slurm_cluster, tmp_path, capsys):
+    sweep = _sweep_file(tmp_path, "slurm_smoke", lrs="[0.001, 0.002]", seeds="[0, 1]")
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stdout = _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root),
+                     "--tracking-uri", uri, "--max-concurrent", "2")
+    record = _jobs_record(root)
+    (array_id,) = record["array_job_ids"]
+    peak = _RunningPeak(array_id)
+    peak.start()
+    assert f"as job(s) {array_id} (at most 2 at once)" in stdout
+    assert [j["job_id"] for j in record["jobs"]] == [f"{array_id}_{i}" for i in range(4)]
+
+    def all_done() -> bool:
+        gone = not [j for j in _squeue("-o", "%i") if j.split("_")[0] in (array_id, record["finalize_job_id"])]
+        return gone and all((Path(j["out_dir"]) / "final_metrics.json").is_file() for j in record["jobs"])
+
+    try:
+        _wait_for(all_done, 240, "the array and its finalizer to finish", lambda: _logs(root / "slurm"))
+    finally:
+        peak.stop()
+
+    # Every trial is one FINISHED child run of the launch's parent, tagged with its array task.
+    runs = _runs(uri, "slurm_smoke")
+    trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get("ctmlab.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.run_id == record["parent_run_id"]
+    assert sorted(r.data.tags["ctmlab.slurm_job_id"] for r in trials) == [f"{array_id}_{i}" for i in range(4)]
+    assert all(r.info.status == "FINISHED" for r in trials), [r.info.status for r in trials]
+    assert all(r.data.tags["mlflow.parentRunId"] == record["parent_run_id"] for r in trials)
+    assert all(r.data.metrics.get("train/loss_dsm") is not None for r in trials)
+    # The finalizer job (afterany on the array) closed the parent run.
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["ctmlab.trials_finished"] == "4/4"
+
+    # %K: never more than 2 array tasks RUNNING at once (squeue, polled), and the trials' own
+    # start/end times agree.
+    assert peak.samples > 20 and 1 <= peak.peak <= 2, (peak.peak, peak.samples)
+    spans = []
+    for job in record["jobs"]:
+        start = json.loads((Path(job["out_dir"]) / "slurm_attempts.jsonl").read_text().splitlines()[0])["time"]
+        spans.append((start, (Path(job["out_dir"]) / "final_metrics.json").stat().st_mtime))
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert most <= 2
+
+    status = _launch(capsys, "status", str(sweep), "--root", str(root))
+    assert status.count("COMPLETED") == 4 + 1 and "4 trials: 4 COMPLETED" in status   # rows + summary line
+    assert all(f"{array_id}_{i}" in status for i in range(4)) and "30/30" in status
+
+
+def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(slurm_cluster, tmp_path, capsys):
+    steps, log_every = 400, 10
+    sweep = _sweep_file(tmp_path, "slurm_requeue", batch=256, hidden=128, steps=steps, log_every=log_every,
+                        ckpt_every=50, gpus=2)
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root), "--tracking-uri", uri)
+    record = _jobs_record(root)
+    (job,) = record["jobs"]
+    job_id, out_dir = job["job_id"], Path(job["out_dir"])
+    assert "_" not in job_id            # one trial: a plain job, not an array
+
+    from ctm_core.checkpoint import list_checkpoints
+
+    _wait_for(lambda: _job_state(job_id)[0] == "RUNNING" and list_checkpoints(out_dir), 120,
+              "the trial to run and write its first checkpoint", lambda: _logs(root / "slurm"))
+    first_ckpt = list_checkpoints(out_dir)[-1][0]
+    assert 0 < first_ckpt < steps
+    subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+    _wait_for(lambda: (out_dir / "final_metrics.json").is_file() and not [j for j in _squeue("-o", "%i")
+                                                                           if j in (job_id, record["finalize_job_id"])],
+              240, "the requeued trial to finish", lambda: _logs(root / "slurm"))
+
+    attempts = [json.loads(line) for line in (out_dir / "slurm_attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == 2
+    assert (attempts[0]["start_step"], attempts[0]["restart_count"], attempts[0]["world_size"]) == (0, 0, 2)
+    assert attempts[1]["restart_count"] == 1 and attempts[1]["world_size"] == 2
+    assert attempts[1]["start_step"] >= first_ckpt and attempts[1]["start_step"] % 50 == 0
+    assert attempts[1]["resumed_from"].endswith(f"ckpt_{attempts[1]['start_step']:09d}.pt")
+    assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == steps
+    assert _job_state(job_id)[1] in ("1", "")   # Restarts=1 while slurmctld still lists the job
+
+    trials = [r for r in _runs(uri, "slurm_requeue") if r.data.tags.get("ctmlab.role") == "trial"]
+    assert len(trials) == 1, "a requeued trial must continue its MLflow run, not start a second one"
+    run = trials[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ctmlab.slurm_job_id"] == job_id
+    history = _client(uri).get_metric_history(run.info.run_id, "train/loss_dsm")
+    assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))   # each step once
