@@ -26,6 +26,9 @@ def run_trial(trial: Trial, tracking_uri: str, experiment: str = DEFAULT_EXPERIM
     the run's latest metrics plus `step` and `mlflow_run_id` (None on ranks other than 0).
     """
     tracker = MlflowTrialCallback(trial, tracking_uri, experiment, parent_run_id, extra_tags)
+    for cb in callbacks:  # callbacks that report the MLflow run id (e.g. to Ray Tune) get the tracker
+        if hasattr(cb, "bind"):
+            cb.bind(tracker)
     try:
         result = train(trial.config, [tracker, *callbacks])
     except (KeyboardInterrupt, SystemExit):
@@ -79,8 +82,15 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         trained = False
         if not teacher_is_trained(plan):
+            import torch
+
             log(f"teacher: training {out_dir} ({cfg.train.steps} steps, mode edm, hash {plan.teacher_hash})")
-            train(cfg)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, int(plan.teacher_resources.cpus)))  # small nets: threads only contend
+            try:
+                train(cfg)
+            finally:
+                torch.set_num_threads(threads)
             trained = True
         else:
             log(f"teacher: cached {out_dir} (hash {plan.teacher_hash})")

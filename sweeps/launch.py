@@ -1,0 +1,445 @@
+"""Launch a named sweep: the platform's front door.
+
+    python sweeps/launch.py --list
+    python sweeps/launch.py NAME [--budget smoke|paper] [--dry-run] [--resume] [--force]
+                                 [--set key=value ...] [--max-concurrent K]
+                                 [--backend local|ray://ADDR|slurm|slurm-ray]
+    python sweeps/launch.py status NAME [--budget B]
+
+One launch = one MLflow parent run with one nested child run per trial. Trials whose config hash
+already has a FINISHED run in the experiment are skipped and reported (--force runs them again).
+The sweep file is validated completely before anything starts; --dry-run prints the trial table
+and starts nothing. At the end the sweep's ablation table is printed (analysis.ablation_table).
+Exit status: 0 all trials finished, 1 some did not, 2 refused input.
+"""
+from __future__ import annotations
+
+import time
+
+T_COMMAND = time.time()  # before the heavy imports: "time from command to first training step"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+if __package__ in (None, ""):
+    # Run as a script (python sweeps/launch.py): import the package, not this folder's modules, from any CWD.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+from sweeps.spec import (SweepError, SweepPlan, Trial, UnknownSweepError, format_value,  # noqa: E402
+                         list_sweeps, load_sweep)
+
+LOCAL_BACKENDS = ("local",)
+STATE_DIR = "launches"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python sweeps/launch.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="subcommands: status NAME (where is each trial of a sweep)")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="sweep name (sweeps/NAME.yaml) or a path to a sweep file")
+    parser.add_argument("--list", action="store_true", help="list the sweeps with one-line descriptions")
+    parser.add_argument("--budget", default="smoke", help="smoke (toy, CPU, minutes) or paper (CIFAR-10, cluster)")
+    parser.add_argument("--dry-run", action="store_true", help="print the trial table; start nothing")
+    parser.add_argument("--resume", action="store_true", help="continue the last interrupted launch of this budget")
+    parser.add_argument("--force", action="store_true", help="run trials even if their config already FINISHED")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key for every trial, e.g. --set train.steps=300 (repeatable)")
+    parser.add_argument("--max-concurrent", type=int, default=None, metavar="K", help="trials running at once")
+    parser.add_argument("--backend", default="local",
+                        help="local (a Ray instance started here), ray://ADDR (an existing Ray cluster), "
+                             "slurm or slurm-ray (cluster/)")
+    parser.add_argument("--root", default=None, help="sweep root (default ./runs/NAME or $CTM_LAB_SWEEP_ROOT/NAME)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default $MLFLOW_TRACKING_URI, the sweep file, else sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default ctm-lab)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    try:
+        from cluster.cli import add_cluster_arguments
+    except ImportError:
+        pass
+    else:
+        add_cluster_arguments(parser)
+    return parser
+
+
+def _cluster_backends() -> tuple[str, ...]:
+    try:
+        from cluster.cli import CLUSTER_BACKENDS
+    except ImportError:
+        return ("slurm", "slurm-ray")
+    return tuple(CLUSTER_BACKENDS)
+
+
+def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(cluster.* items for the SLURM profile, the rest for the trainer configs)."""
+    cluster = [i for i in items if i.strip().startswith("cluster.")]
+    return cluster, [i for i in items if not i.strip().startswith("cluster.")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def print_trial_table(plan: SweepPlan, trials: Sequence[Trial], skipped: dict[str, Any] | None = None,
+                      out=sys.stdout) -> None:
+    skipped = skipped or {}
+    axes = list(plan.axes)
+    header = ["#", *axes, "seed", "config hash", "steps", "cpus", "gpus", "est. GPU-h", "status"]
+    rows = []
+    for t in trials:
+        status = f"skip: FINISHED run {skipped[t.config_hash].info.run_id[:8]}" if t.config_hash in skipped else "run"
+        rows.append([t.index, *(format_value(t.axes.get(a)) for a in axes), t.seed, t.config_hash,
+                     t.config.train.steps, format_value(t.resources.cpus), format_value(t.resources.gpus),
+                     f"{t.estimated_gpu_hours:.2f}", status])
+    spec = plan.spec
+    print(f"sweep {spec.name} [{plan.budget.name}]: {spec.description}", file=out)
+    print(f"metric {plan.metric} ({plan.mode}); seeds {list(plan.seeds)}; root {plan.root}", file=out)
+    if plan.search:
+        print(f"search: {plan.search.algo}, {plan.search.num_samples} samples "
+              f"({'values below are a pre-drawn preview; Optuna picks them at run time' if plan.search.algo == 'optuna' else 'pre-drawn'})",
+              file=out)
+    if plan.scheduler:
+        print(f"scheduler: {plan.scheduler.type} (grace {plan.scheduler.grace_period} steps, "
+              f"reduction {plan.scheduler.reduction_factor:g})", file=out)
+    print(_table(header, rows), file=out)
+    to_run = [t for t in trials if t.config_hash not in skipped]
+    gpu_h = sum(t.estimated_gpu_hours for t in to_run)
+    teacher_wall, teacher_gpu = plan.teacher_estimate_hours()
+    if plan.teacher_config is not None:
+        from sweeps.trial import teacher_is_trained
+
+        cached = teacher_is_trained(plan)
+        print(f"teacher: {plan.teacher_config.runtime.out_dir} (edm, {plan.teacher_config.train.steps} steps, "
+              f"{'cached' if cached else f'to train, est. {teacher_gpu:.2f} GPU-h'})", file=out)
+        if cached:
+            teacher_gpu = 0.0
+    elif plan.teacher_checkpoint:
+        print(f"teacher: existing checkpoint {plan.teacher_checkpoint}", file=out)
+    print(f"{len(trials)} trial(s), {len(to_run)} to run, {len(trials) - len(to_run)} skipped; "
+          f"est. {gpu_h + teacher_gpu:.2f} GPU-h in total", file=out)
+
+
+def print_ablation_table(name: str, uri: str, experiment: str, parent_run_id: str | None,
+                         reused: dict[str, Any], trials: Sequence[Trial], out=sys.stdout) -> bool:
+    """The sweep's ablation table from this launch's runs (children of the parent run plus reused ones)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        from analysis import ablation_table, layout_for, load_runs
+    except ImportError as err:
+        print(f"(no ablation table: the analysis package is missing: {err})", file=out)
+        return False
+    import pandas as pd
+
+    try:
+        df = load_runs(experiment, sweep=name, tracking_uri=uri)
+        by_hash = {t.config_hash: t for t in trials}
+        reused_ids = {run.info.run_id: h for h, run in reused.items()}
+        missing = set(reused_ids) - set(df["run_id"]) if not df.empty else set(reused_ids)
+        if missing:
+            everything = load_runs(experiment, sweep=None, tracking_uri=uri)
+            df = pd.concat([df, everything[everything["run_id"].isin(missing)]], ignore_index=True)
+        if df.empty:
+            print("(no ablation table: no trial runs)", file=out)
+            return False
+        keep = (df["parent_run_id"] == parent_run_id) | df["run_id"].isin(reused_ids)
+        df = df[keep].copy()
+        for i, row in df.iterrows():  # a reused run may come from another sweep: label it as this one's trial
+            h = reused_ids.get(row["run_id"])
+            if h is not None and h in by_hash:
+                t = by_hash[h]
+                df.at[i, "tag.ctmlab.axes"] = json.dumps(t.axes)
+                df.at[i, "tag.ctmlab.variant"] = t.variant
+                df.at[i, "tag.ctmlab.seed"] = t.seed
+        layout = layout_for(name)
+        table = ablation_table(df, layout.rows, layout.cols, layout.metric, nfe=layout.nfe, teacher=layout.teacher,
+                               title=f"{layout.title or name} [{name}]")
+    except ValueError as err:
+        print(f"(no ablation table: {err})", file=out)
+        return False
+    print(table.to_markdown(), file=out)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch state (what --resume continues)
+
+
+def _state_dir(plan: SweepPlan) -> Path:
+    return plan.root / STATE_DIR
+
+
+def _write_state(plan: SweepPlan, state: dict[str, Any]) -> Path:
+    folder = _state_dir(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{state['launch_id']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def latest_state(plan: SweepPlan) -> dict[str, Any] | None:
+    found = []
+    for path in _state_dir(plan).glob("*.json"):
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if state.get("budget") == plan.budget.name and state.get("sweep") == plan.spec.name:
+            found.append(state)
+    return max(found, key=lambda s: s["created"]) if found else None
+
+
+def _move_aside(trial: Trial, launch_id: str, why: str) -> None:
+    if trial.out_dir.exists():
+        target = trial.out_dir.with_name(f"{trial.out_dir.name}.old-{launch_id}")
+        shutil.move(str(trial.out_dir), target)
+        print(f"  {trial.name}: {why}; moved its out dir aside to {target.name}")
+
+
+def _complete_out_dir(trial: Trial) -> bool:
+    from ctm_core.checkpoint import list_checkpoints
+
+    found = list_checkpoints(trial.out_dir)
+    return bool(found) and found[-1][0] >= trial.config.train.steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def _subcommand(argv: list[str]) -> int | None:
+    """`status NAME`: the cluster helper's table (works for any backend)."""
+    if not argv or argv[0] != "status":
+        return None
+    parser = argparse.ArgumentParser(prog="python sweeps/launch.py status")
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--budget", default="smoke")
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv[1:])
+    try:
+        from cluster.status import print_status
+    except ImportError:
+        print("error: `status` needs cluster/status.py (print_status), which is not installed", file=sys.stderr)
+        return 2
+    try:
+        spec = load_sweep(args.name)
+        plan = spec.plan(args.budget, _split_overrides(args.overrides)[1], args.root)
+        trials = plan.trials()
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_status(plan.root, trials)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = _subcommand(argv)
+    if code is not None:
+        return code
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        known = list_sweeps()
+        width = max((len(n) for n in known), default=0)
+        for name, text in known.items():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    if not args.name:
+        parser.print_usage(sys.stderr)
+        print("error: give a sweep NAME (see --list)", file=sys.stderr)
+        return 2
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print(f"error: --max-concurrent must be >= 1, got {args.max_concurrent}", file=sys.stderr)
+        return 2
+    backend = args.backend
+    if backend not in LOCAL_BACKENDS + _cluster_backends() and not backend.startswith("ray://"):
+        print(f"error: --backend {backend!r}: expected local, ray://ADDR, {' or '.join(_cluster_backends())}",
+              file=sys.stderr)
+        return 2
+    _, trainer_overrides = _split_overrides(args.overrides)
+
+    # 1. Everything is validated here, before any store, teacher or Ray is touched.
+    try:
+        spec = load_sweep(args.name)
+        plan = spec.plan(args.budget, trainer_overrides, args.root)
+        if args.resume:
+            state = latest_state(plan)
+            if state is None:
+                raise SweepError(f"--resume: no earlier launch of {spec.name!r} [{args.budget}] under {plan.root}")
+            if args.overrides and list(args.overrides) != state["overrides"]:
+                raise SweepError(f"--resume continues launch {state['launch_id']} made with --set {state['overrides']}; "
+                                 "drop --set (or start a new launch without --resume)")
+            plan = spec.plan(args.budget, _split_overrides(state["overrides"])[1], args.root)
+        trials = plan.trials()
+    except UnknownSweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from sweeps import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, spec.tracking.get("uri"))
+    experiment = args.experiment or spec.tracking.get("experiment") or tracking.DEFAULT_EXPERIMENT
+    args.tracking_uri, args.experiment, args.budget = uri, experiment, plan.budget.name
+    args.root = str(plan.root)
+
+    if args.dry_run:
+        skipped = {}
+        local_db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if not args.force and (local_db is None or Path(local_db).is_file()):
+            try:  # read-only look-up; a store that does not exist yet is not created
+                skipped = tracking.finished_runs(uri, tracking.ensure_experiment(uri, experiment),
+                                                 [t.config_hash for t in trials]) if local_db is None or \
+                    tracking.client(uri).get_experiment_by_name(experiment) else {}
+            except Exception as err:  # noqa: BLE001 -- a dry run must not fail on an unreachable store
+                print(f"(could not query MLflow at {uri} for finished trials: {err})")
+        print_trial_table(plan, trials, skipped)
+        if backend in _cluster_backends():
+            from cluster.cli import dispatch_cluster
+
+            dispatch_cluster(spec, [t for t in trials if t.config_hash not in skipped], args)
+        print("dry run: nothing started")
+        return 0
+
+    # 2. The store, de-duplication and the parent run.
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    if args.resume:
+        skipped = {}
+        reused_ids = state.get("skipped", {})
+        if reused_ids:
+            c = tracking.client(uri)
+            skipped = {h: tracking.retry(lambda rid=rid: c.get_run(rid)) for h, rid in reused_ids.items()}
+        to_run = [t for t in trials if t.config_hash in set(state["trials"])]
+        parent = state["parent_run_id"]
+        tracking.set_status(uri, parent, "RUNNING")
+        launch_id = state["launch_id"]
+        print(f"resuming launch {launch_id} (MLflow parent run {parent})")
+    else:
+        finished = tracking.finished_runs(uri, experiment_id, [t.config_hash for t in trials])
+        skipped = {} if args.force else finished
+        to_run = [t for t in trials if t.config_hash not in skipped]
+        launch_id = f"{plan.budget.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if backend not in _cluster_backends():
+            for t in to_run:
+                if t.config_hash in finished:
+                    _move_aside(t, launch_id, "--force re-runs a FINISHED config")
+                elif _complete_out_dir(t):
+                    _move_aside(t, launch_id, "its out dir is complete but the store has no FINISHED run")
+        parent = None
+    for h, run in skipped.items():
+        t = next(t for t in trials if t.config_hash == h)
+        print(f"skip {t.name}: config {h} already FINISHED as MLflow run {run.info.run_id} "
+              f"(sweep {run.data.tags.get('ctmlab.sweep', '?')}); --force runs it again")
+
+    if backend in _cluster_backends():
+        from cluster.cli import dispatch_cluster
+
+        if not to_run:
+            print("nothing to submit: every trial already FINISHED")
+            return 0
+        dispatch_cluster(spec, to_run, args)
+        return 0
+
+    if parent is None:
+        params = {"budget": plan.budget.name, "n_trials": len(trials), "n_run": len(to_run), "n_skipped": len(skipped),
+                  "axes": json.dumps({p: a.describe() for p, a in plan.axes.items()}), "seeds": list(plan.seeds),
+                  "metric": plan.metric, "mode": plan.mode, "overrides": list(args.overrides), "root": str(plan.root),
+                  "backend": backend}
+        tags = {"ctmlab.launch_id": launch_id, "ctmlab.backend": backend, "ctmlab.sweep_root": str(plan.root)}
+        if skipped:
+            tags["ctmlab.reused_runs"] = json.dumps({h: r.info.run_id for h, r in skipped.items()})
+        parent = tracking.start_parent_run(uri, experiment_id, spec.name, plan.budget.name,
+                                           f"{spec.name} [{plan.budget.name}] {launch_id}", params, tags)
+        state = {"launch_id": launch_id, "sweep": spec.name, "budget": plan.budget.name,
+                 "overrides": list(args.overrides), "backend": backend, "tracking_uri": uri,
+                 "experiment": experiment, "parent_run_id": parent, "tune_name": launch_id,
+                 "trials": [t.config_hash for t in to_run], "skipped": {h: r.info.run_id for h, r in skipped.items()},
+                 "created": time.time(), "status": "running"}
+        _write_state(plan, state)
+        print(f"launch {launch_id}: {len(to_run)} trial(s) to run, {len(skipped)} skipped; "
+              f"MLflow parent run {parent} in {uri} (experiment {experiment!r})")
+    timings = dict(state.get("timings", {}))
+    timings.update({"command": T_COMMAND})
+
+    ok = True
+    try:
+        if to_run:
+            # 3. The teacher (once per sweep root, cached by its config hash), then the trials on Ray.
+            from sweeps.trial import ensure_teacher
+
+            timings["teacher_start"] = time.time()
+            teacher = ensure_teacher(plan)
+            timings["teacher_end"] = time.time()
+            if teacher and teacher.get("trained"):
+                tracking.log_metrics(uri, parent, 0, {f"teacher/{k}": v for k, v in teacher["metrics"].items()
+                                                      if isinstance(v, (int, float)) and k != "step"})
+                tracking.log_metrics(uri, parent, 0, {"sweep/teacher_seconds":
+                                                      timings["teacher_end"] - timings["teacher_start"]})
+            if teacher:
+                tracking.log_params_and_tags(uri, parent, {}, {"ctmlab.teacher_checkpoint": teacher["checkpoint"],
+                                                               "ctmlab.teacher_hash": str(teacher["hash"])})
+            from sweeps import ray_backend
+
+            env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+                   "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+            address = backend if backend.startswith("ray://") else None
+            ray_backend.start_ray(address, plan.root, args.num_cpus, None, env)
+            timings["ray_ready"] = time.time()
+            state["timings"] = timings
+            _write_state(plan, state)
+            ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
+                                           args.force, max(1, int(plan.resources.cpus)), env)
+            results = ray_backend.run_tune(ctx, to_run, plan.root / "tune", state["tune_name"], args.resume,
+                                           args.max_concurrent or plan.max_concurrent)
+            errors = [r for r in results if r.error is not None]
+            for r in errors:
+                print(f"trial failed: {r.config} -> {type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}")
+    finally:
+        timings["end"] = time.time()
+        state["timings"] = timings
+        _write_state(plan, state)
+
+    # 4. Close the parent run and print the table.
+    status = {r.data.tags.get("ctmlab.config_hash"): r.info.status
+              for r in tracking.children(uri, experiment_id, parent)}
+    unfinished = [t for t in to_run if status.get(t.config_hash) != "FINISHED"]
+    ok = not unfinished
+    for t in unfinished:
+        print(f"not finished: {t.name} ({t.config_hash}): MLflow status {status.get(t.config_hash, 'no run')}")
+    tracking.log_metrics(uri, parent, 0, {"sweep/wall_seconds": timings["end"] - T_COMMAND,
+                                          "sweep/trials_finished": len(to_run) - len(unfinished)})
+    tracking.set_status(uri, parent, "FINISHED" if ok else "FAILED")
+    state["status"] = "finished" if ok else "incomplete"
+    _write_state(plan, state)
+    print()
+    print_ablation_table(spec.name, uri, experiment, parent, skipped, trials)
+    print(f"MLflow: parent run {parent} in {uri} (experiment {experiment!r}); "
+          f"`mlflow ui --backend-store-uri {uri}` shows it")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
