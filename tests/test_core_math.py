@@ -349,3 +349,21 @@ def test_bad_inputs_name_the_argument(process):
         gamma_sample(model, x, 2, gamma=1.5)
     with pytest.raises(ValueError, match="sigma_max"):
         VEProcess(sigma_min=1.0, sigma_max=0.5)
+
+
+def test_g_and_G_match_the_formulas(process):
+    class Constant(torch.nn.Module):
+        def forward(self, x, noise_t, noise_s, class_labels=None):
+            return torch.ones_like(x) * (1 + noise_s[:, None])  # depends on s through c_noise(s) = ln(s)/4
+
+    from ctm_core import CTMModel
+    model = CTMModel(Constant(), process)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.01], dtype=torch.float64)
+    s = t * torch.tensor([0.5, 0.1, 0.0, 1.0, 0.2], dtype=torch.float64)
+    sd = process.sigma_data
+    c_skip, c_out = sd ** 2 / (t ** 2 + sd ** 2), t * sd / (t ** 2 + sd ** 2).sqrt()
+    s_embed = s.clamp(min=process.sigma_min)  # s = 0 is embedded as sigma_min
+    g = c_skip[:, None] * x + c_out[:, None] * (1 + s_embed.log()[:, None] / 4)
+    assert torch.allclose(model.denoise(x, t, s), g)
+    assert torch.allclose(model.jump(x, t, s), (s / t)[:, None] * x + (1 - s / t)[:, None] * g)

@@ -216,3 +216,14 @@ def test_bad_yaml_file_and_microbatch(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"data\.micro_batch"):
         train(_tiny(tmp_path, "mb", ["mode=edm", "data.micro_batch=5", "train.steps=2"]))
+
+
+@pytest.mark.parametrize("mode", ["ctm_scratch", "cd"])
+def test_other_modes_train_and_evaluate(tmp_path, teacher_dir, mode):
+    extra = [f"mode={mode}", "train.steps=12", "train.ckpt_every=12", "eval.teacher_steps=null"]
+    if mode == "cd":
+        extra.append(f"teacher.checkpoint={teacher_dir}")
+    result = train(_tiny(tmp_path, mode, extra))
+    records = _train_records(tmp_path / mode)
+    assert records and all(np.isfinite(r["train/loss_ctm"]) for r in records)
+    assert np.isfinite(result.metrics["eval/sw2/nfe1"]) and np.isfinite(result.metrics["eval/sw2/nfe2"])
