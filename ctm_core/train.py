@@ -96,11 +96,9 @@ def _use_bf16(config: TrainConfig, env: DistEnv) -> bool:
 
 
 def _microbatch_size(config: TrainConfig, local_batch: int, gan_on: bool) -> int:
+    """Per-process microbatch (a memory ceiling): the last microbatch of a step may be smaller, and
+    per-sample loss normalisation keeps the gradient that of the whole batch."""
     size = (config.gan.micro_batch if gan_on and config.gan.micro_batch else config.data.micro_batch) or local_batch
-    key = "gan.micro_batch" if gan_on and config.gan.micro_batch else "data.micro_batch"
-    if local_batch % min(size, local_batch):
-        raise ConfigError(f"invalid config:\n  {key}: {size} must divide the per-process batch {local_batch} "
-                          f"(data.batch_size / number of processes)")
     return min(size, local_batch)
 
 
@@ -296,7 +294,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
             optimizer.zero_grad(set_to_none=True)
             fakes, logs_sum = [], {}
             for lo in range(0, local_batch, micro):
-                hi = lo + micro
+                hi = min(lo + micro, local_batch)
                 mb = _slice_draw(draw, offset + lo, offset + hi, x_batch[lo:hi],
                                  None if y_batch is None else y_batch[lo:hi], env.device)
                 sync = hi >= local_batch or not env.is_distributed

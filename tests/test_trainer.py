@@ -89,8 +89,9 @@ def test_exact_resume_after_sigkill(tmp_path, teacher_dir, mode_overrides):
 
 
 def test_ddp_two_processes_equal_one(tmp_path, teacher_dir):
+    # 16 samples per process in microbatches of 8, then 5 (+5+5+1) once the GAN is on
     extra = ["mode=ctm", f"teacher.checkpoint={teacher_dir}", "train.steps=20", "train.ckpt_every=20",
-             "loss.lambda_gan=0.1@5", "eval.every=0", "data.micro_batch=8"]
+             "loss.lambda_gan=0.1@5", "eval.every=0", "data.micro_batch=8", "gan.micro_batch=5"]
     train(_tiny(tmp_path, "single", extra))
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(_tiny(tmp_path, "ddp", extra))))
@@ -101,7 +102,7 @@ def test_ddp_two_processes_equal_one(tmp_path, teacher_dir):
     one, two = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
     assert one.keys() == two.keys()
     for key in one:
-        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=2e-5), key  # float32 summation order
     losses_one = [r["train/loss_ctm"] for r in _train_records(tmp_path / "single")]
     losses_two = [r["train/loss_ctm"] for r in _train_records(tmp_path / "ddp")]
     assert np.allclose(losses_one, losses_two, rtol=1e-4)
@@ -214,8 +215,6 @@ def test_bad_yaml_file_and_microbatch(tmp_path):
         load_config(cfg)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match=r"data\.micro_batch"):
-        train(_tiny(tmp_path, "mb", ["mode=edm", "data.micro_batch=5", "train.steps=2"]))
 
 
 @pytest.mark.parametrize("mode", ["ctm_scratch", "cd"])
