@@ -394,6 +394,48 @@ def _depend_on(plan: ArrayPlan, job_id: str) -> None:
                                                 "kill-on-invalid-dep": "yes"}   # teacher failed: drop the array
 
 
+def required_weights(config: Any) -> list[str]:
+    """Pretrained files (ctm_core.pretrained names) a trial will load: compute nodes cannot download."""
+    from ctm_core.data import parse_data_spec
+
+    kind = parse_data_spec(config.data.spec).kind
+    names = []
+    if config.mode != "edm" and config.ctm.distance == "lpips":
+        names.append("vgg16_lpips")
+    gan_on = config.mode != "edm" and not config.loss.lambda_gan.is_off
+    if gan_on and (config.gan.discriminator == "projected" or (config.gan.discriminator == "auto" and kind != "toy")):
+        names += ["tf_efficientnet_lite0", "deit_base_distilled_patch16_224"]
+    if kind in ("cifar10", "folder") and config.eval.inception is None:
+        names.append("inception_fid")
+    return names
+
+
+def missing_weights(configs: Sequence[Any], profile: ClusterProfile) -> dict[str, Path]:
+    """{name: expected path} of needed weights absent from the cache the jobs will read
+    (runtime.cache_dir, else the profile's CTM_LAB_CACHE, else this shell's)."""
+    from ctm_core.pretrained import weights_path
+
+    missing: dict[str, Path] = {}
+    for config in configs:
+        cache = config.runtime.cache_dir or (os.path.expandvars(profile.env["CTM_LAB_CACHE"])
+                                             if "CTM_LAB_CACHE" in profile.env else None)
+        for name in required_weights(config):
+            path = weights_path(name, cache)
+            if not path.is_file():
+                missing[name] = path
+    return missing
+
+
+def _weights_note(configs: Sequence[Any], profile: ClusterProfile) -> Optional[str]:
+    missing = missing_weights(configs, profile)
+    if not missing:
+        return None
+    where = ", ".join(f"{n} ({p})" for n, p in missing.items())
+    return (f"# WARNING: compute nodes have no internet and these weights are not in the cache: {where}. "
+            f"On the login node run: python -m cluster.prefetch --only {' '.join(missing)}"
+            + (f" --cache-dir {os.path.dirname(next(iter(missing.values())))}" if missing else ""))
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering (dry run) and submission
 
@@ -540,6 +582,9 @@ def submit_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=None
     teacher = plan_teacher(spec, trials, profile, user_overrides, sweep_root, tracking_uri, f"ctm-{sweep}-teacher")
     python = profile.python
     submission = Submission(sweep, sweep_root, folder, [], None)
+    note = _weights_note([t.config for t in prepared] + ([teacher.trials[0].config] if teacher else []), profile)
+    if note:
+        print(note, file=out)
 
     if _arg(args, "dry_run", False):
         jobs = ([teacher] if teacher else []) + plans

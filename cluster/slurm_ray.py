@@ -9,8 +9,9 @@ Tune backend against it (address=auto via RAY_ADDRESS). Tune packs trials onto t
 
 Two users -- or two of your own jobs -- on one node must not collide, so each job takes
   * a block of 100 ports derived from its job id (GCS, raylet, object manager, client server,
-    dashboard agent, metrics, runtime-env agent, and a range of worker ports), and
-  * its own temp dir /tmp/ray-<uid>-<jobid> (sockets, logs, spilled objects), removed at the end;
+    dashboard, dashboard agent, metrics, runtime-env agent, and a range of worker ports),
+  * its own temp dir /tmp/ray-<uid>-<jobid> (sockets, logs, spilled objects), removed at the end,
+  * its own Ray auth token (RAY_AUTH_MODE=token, the token only in the job's environment);
 and the script never calls `ray stop` (which ends *every* Ray process of the user on the node):
 it ends exactly the srun steps it started.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .profiles import ClusterProfile, split_overrides
-from .slurm import (resolve_tracking, SubmitError, Submission, _arg, _create_parent_run, _resources,
+from .slurm import (_weights_note, finalize_parent_run, resolve_tracking, SubmitError, Submission, _arg, _create_parent_run, _resources,
                     _write_jobs_file, batch_plan, job_layout, job_setup_lines, prepare_trial, profile_from_args)
 from .status import sweep_root_of
 
@@ -122,6 +123,11 @@ head_node="${{nodes[0]}}"
 head_ip="${{CTM_LAB_RAY_HEAD_IP:-$({py} -c 'from ray._private.services import get_node_ip_address as f; print(f())')}}"
 export RAY_ADDRESS="$head_ip:$ray_gcs_port"
 export RAY_USAGE_STATS_ENABLED=0
+# Token authentication with a token of this job's own, passed in the environment (srun exports it
+# to the head, the workers and the driver): other users reaching these ports cannot run code here.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN="$({py} -c 'import secrets; print(secrets.token_hex(32))')"
+export RAY_AUTH_TOKEN
 node_args=(--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus="${{SLURM_GPUS_ON_NODE:-0}}" --temp-dir="$ray_tmp"
   --node-manager-port="$ray_node_manager_port" --object-manager-port="$ray_object_manager_port"
   --dashboard-agent-listen-port="$ray_dashboard_agent_listen_port"
@@ -130,9 +136,13 @@ node_args=(--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus="${{SLURM_GPUS_ON_NODE:-
   --min-worker-port="$ray_min_worker_port" --max-worker-port="$ray_max_worker_port"
   --disable-usage-stats --block)
 steps=()
-srun --overlap --nodes=1 --ntasks=1 -w "$head_node" {ray_cli} start --head --node-ip-address="$head_ip" \\
-  --port="$ray_gcs_port" --ray-client-server-port="$ray_client_server_port" --include-dashboard=false \\
-  "${{node_args[@]}}" &
+# With ray[client] installed, `ray start --head` opens the client server on 10001 unless told otherwise.
+head_args=(--head --node-ip-address="$head_ip" --port="$ray_gcs_port" --include-dashboard=false
+  --dashboard-port="$ray_dashboard_port")   # the headless dashboard process still binds a port (8265)
+if {py} -c 'import sys; from ray._private.utils import get_ray_client_dependency_error as e; sys.exit(e() is not None)' 2>/dev/null; then
+  head_args+=(--ray-client-server-port="$ray_client_server_port")
+fi
+srun --overlap --nodes=1 --ntasks=1 -w "$head_node" {ray_cli} start "${{head_args[@]}}" "${{node_args[@]}}" &
 steps+=($!)
 for _ in $(seq 1 240); do
   {ray_cli} health-check --address "$RAY_ADDRESS" >/dev/null 2>&1 && break
@@ -147,6 +157,7 @@ cleanup() {{ kill "${{steps[@]}}" 2>/dev/null; wait "${{steps[@]}}" 2>/dev/null;
 # Time limit / preemption: requeue this allocation; trials resume from their checkpoints next time.
 on_usr2() {{ echo "USR2 at $(date): requeueing $job" >&2; scontrol requeue "$job"; kill "$driver" 2>/dev/null; }}
 trap on_usr2 USR2
+trap 'exit 143' TERM   # scancel: leave through the EXIT trap, so the temp dir goes too
 trap cleanup EXIT
 
 # --- the Ray Tune sweep (driver on the head node) ---------------------------------------------
@@ -189,6 +200,9 @@ def submit_ray_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=
     script = render_ray_script(profile, alloc, f"ctm-ray-{sweep}", sweep_root / RAY_DIR, payload, tracking_uri,
                                profile.python)
     submission = Submission(sweep, sweep_root, sweep_root / RAY_DIR, [], None, scripts=[script])
+    note = _weights_note([t.config for t in prepared], profile)
+    if note:
+        print(note, file=out)
     if _arg(args, "dry_run", False):
         print(f"# dry run: sweep {sweep!r}, {len(prepared)} trial(s) on Ray Tune inside one SLURM allocation "
               f"({alloc.nodes} node(s), {alloc.gpus_per_node} GPU(s)/node, {alloc.cpus_per_node} CPUs/node, "
@@ -249,7 +263,9 @@ def drive(payload_path: str | Path) -> int:
         experiment=payload["experiment"], parent_run_id=payload["parent_run_id"],
         max_concurrent=payload["max_concurrent"],
         extra_tags={"ctmlab.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
-    return 0
+    status = finalize_parent_run(payload["tracking_uri"], payload["parent_run_id"], payload["spec"].name)
+    print(f"sweep {payload['spec'].name}: parent run {payload['parent_run_id']} {status}", flush=True)
+    return 0 if status == "FINISHED" else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

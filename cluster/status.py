@@ -200,6 +200,11 @@ def collect_status(sweep_root: str | Path, trials: Sequence[Any] = (), user: Opt
         done_at = finished_step(out_dir) if out_dir else None
         if job_id and job_id in live:
             state = live[job_id]
+            if row.get("shared_allocation") and state == "RUNNING":   # Ray on SLURM: one job, many trials
+                if done_at is not None and (steps is None or done_at >= steps):
+                    state = "COMPLETED"
+                elif step is None:
+                    state = "WAITING_IN_RAY"
         elif done_at is not None and (steps is None or done_at >= steps):
             state = "COMPLETED"
         elif submitit_outcome(row.get("submitit_folder"), job_id) == "error":

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cluster.profiles import (ProfileError, load_profile, parse_time_limit, profile_from_dict, split_overrides)
-from cluster.slurm import (SubmitError, batch_plan, job_layout, largest_divisor_at_most, prepare_trial,
-                           rendezvous_port, submit_sweep)
+from cluster.slurm import (SubmitError, batch_plan, job_layout, largest_divisor_at_most, missing_weights,
+                           prepare_trial, rendezvous_port, required_weights, submit_sweep)
 from cluster.slurm_ray import ray_ports, ray_temp_dir, submit_ray_sweep
 from cluster.status import collect_status, format_table, read_progress
 from sweeps.spec import load_sweep, parse_sweep
@@ -130,6 +130,22 @@ def test_profile_microbatches_are_memory_ceilings_and_user_values_are_exact():
         batch_plan(trial.config, 3)
 
 
+def test_weights_the_offline_compute_nodes_need_are_checked_in_the_jobs_cache(tmp_path):
+    spec = load_sweep("ablation_gan")
+    gan_trial, toy_trial = spec.trials("paper")[1], spec.trials("smoke")[0]
+    assert set(required_weights(gan_trial.config)) == {"vgg16_lpips", "tf_efficientnet_lite0",
+                                                       "deit_base_distilled_patch16_224", "inception_fid"}
+    assert required_weights(spec.trials("paper")[0].config) == ["vgg16_lpips", "inception_fid"]  # GAN off
+    assert required_weights(toy_trial.config) == []
+    profile = load_profile("v100", [f"cluster.env.CTM_LAB_CACHE={tmp_path}"])
+    assert set(missing_weights([gan_trial.config], profile)) == set(required_weights(gan_trial.config))
+    from ctm_core.pretrained import WEIGHTS
+
+    for name in required_weights(gan_trial.config):
+        (tmp_path / WEIGHTS[name].filename).write_bytes(b"x")
+    assert missing_weights([gan_trial.config], profile) == {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Dry runs
 
@@ -142,30 +158,42 @@ def _sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
-def test_dry_run_ablation_gan_on_v100_matches_profile_and_paper_setting(tmp_path, monkeypatch):
-    monkeypatch.setenv("CTM_LAB_SWEEP_ROOT", str(tmp_path))
-    spec = load_sweep("ablation_gan")
-    out = io.StringIO()
-    sub = submit_sweep(spec, spec.trials("paper"), _args(profile="v100"), out=out)
-    text = out.getvalue()
-    assert "nothing submitted" in text and not (tmp_path / "ablation_gan" / "slurm_jobs.json").exists()
-    assert len(sub.scripts) == 2              # the EDM teacher (not trained under this root yet), then the array
-    teacher = _sbatch_flags(sub.scripts[0])
+def _scripts(text: str) -> list[str]:
+    """The sbatch scripts a dry run printed (each after a '--- sbatch script ---' line)."""
+    parts = text.split("--- sbatch script ---\n")[1:]
+    return [p.split("\n== ")[0].split("\ndry run: nothing started")[0] for p in parts]
+
+
+def test_launch_dry_run_ablation_gan_on_v100_matches_profile_and_paper_setting(tmp_path, capsys):
+    from sweeps.launch import main as launch
+
+    code = launch(["ablation_gan", "--budget", "paper", "--backend", "slurm", "--profile", "v100", "--dry-run",
+                   "--root", str(tmp_path / "root"), "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}",
+                   "--set", f"cluster.env.CTM_LAB_CACHE={tmp_path / 'empty-cache'}"])
+    text = capsys.readouterr().out
+    assert code == 0 and "nothing submitted" in text and not (tmp_path / "root" / "slurm_jobs.json").exists()
+    assert "python -m cluster.prefetch --only" in text    # empty cache: the offline-node warning
+    scripts = _scripts(text)
+    assert len(scripts) == 2              # the EDM teacher (not trained under this root yet), then the array
+    teacher = _sbatch_flags(scripts[0])
     assert (teacher["nodes"], teacher["ntasks-per-node"], teacher["gpus-per-node"]) == ("2", "4", "4")  # 8 GPUs
     assert "array" not in teacher
-    flags = _sbatch_flags(sub.scripts[1])
+    flags = _sbatch_flags(scripts[1])
     assert flags["dependency"] == "'afterok:<teacher job id>'" and flags["kill-on-invalid-dep"] == "yes"
+    # The paper's CIFAR-10 setting on the profile's node: 4 x V100, one task per GPU, 24 h, requeue.
     assert flags["gpus-per-node"] == "4" and flags["ntasks-per-node"] == "4" and flags["nodes"] == "1"
     assert flags["time"] == "1440" and flags["partition"] == "gpu" and flags["constraint"] == "v100"
     assert flags["array"] == "0-4%4" and flags["requeue"] is True and flags["signal"] == "USR2@300"
     assert flags["cpus-per-task"] == "8" and flags["mem-per-gpu"] == "40G"
-    assert "source $HOME/venvs/ctm-lab/bin/activate" in sub.scripts[1]
-    assert "-m submitit.core._submit" in sub.scripts[1]
+    assert "source $HOME/venvs/ctm-lab/bin/activate" in scripts[1]
+    assert f'export CTM_LAB_CACHE="{tmp_path / "empty-cache"}"' in scripts[1]
+    assert "-m submitit.core._submit" in scripts[1]
     rows = [line.split() for line in text.splitlines() if re.match(r"^\d+\s+loss\.lambda_gan=", line)]
     assert len(rows) == 5
     for row in rows:   # trial variant seed gpus batch batch/GPU micro/GPU GAN-micro ...
-        assert row[3:7] == ["4", "256", "64", "16"]
+        assert row[3:7] == ["4", "256", "64", "16"]   # global 256 = 4 GPUs x 64; microbatch 16 (paper)
     gan_rows = [row for row in rows if not row[1].endswith("=off")]
+    # GAN phase: the profile's 11 is a ceiling; 11 does not divide 64, so 8 (the largest divisor below it).
     assert gan_rows and all(row[7] == "8" and "11" in " ".join(row[8:]) for row in gan_rows)
 
 

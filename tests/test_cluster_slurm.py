@@ -124,7 +124,7 @@ class _RunningPeak(threading.Thread):
 
 
 def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit(slurm_cluster, tmp_path, capsys):
-    sweep = _sweep_file(tmp_path, "slurm_smoke", lrs="[0.001, 0.002]", seeds="[0, 1]")
+    sweep = _sweep_file(tmp_path, "slurm_smoke", lrs="[0.001, 0.002, 0.003]")   # 3 trials, at most 2 at once
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
     stdout = _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root),
                      "--tracking-uri", uri, "--max-concurrent", "2")
@@ -133,7 +133,7 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
     peak = _RunningPeak(array_id)
     peak.start()
     assert f"as job(s) {array_id} (at most 2 at once)" in stdout
-    assert [j["job_id"] for j in record["jobs"]] == [f"{array_id}_{i}" for i in range(4)]
+    assert [j["job_id"] for j in record["jobs"]] == [f"{array_id}_{i}" for i in range(3)]
 
     def all_done() -> bool:
         gone = not [j for j in _squeue("-o", "%i") if j.split("_")[0] in (array_id, record["finalize_job_id"])]
@@ -149,12 +149,12 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
     trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
     parents = [r for r in runs if r.data.tags.get("ctmlab.role") == "sweep"]
     assert len(parents) == 1 and parents[0].info.run_id == record["parent_run_id"]
-    assert sorted(r.data.tags["ctmlab.slurm_job_id"] for r in trials) == [f"{array_id}_{i}" for i in range(4)]
+    assert sorted(r.data.tags["ctmlab.slurm_job_id"] for r in trials) == [f"{array_id}_{i}" for i in range(3)]
     assert all(r.info.status == "FINISHED" for r in trials), [r.info.status for r in trials]
     assert all(r.data.tags["mlflow.parentRunId"] == record["parent_run_id"] for r in trials)
     assert all(r.data.metrics.get("train/loss_dsm") is not None for r in trials)
     # The finalizer job (afterany on the array) closed the parent run.
-    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["ctmlab.trials_finished"] == "4/4"
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["ctmlab.trials_finished"] == "3/3"
 
     # %K: never more than 2 array tasks RUNNING at once (squeue, polled), and the trials' own
     # start/end times agree.
@@ -171,13 +171,13 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
     assert most <= 2
 
     status = _launch(capsys, "status", str(sweep), "--root", str(root))
-    assert status.count("COMPLETED") == 4 + 1 and "4 trials: 4 COMPLETED" in status   # rows + summary line
-    assert all(f"{array_id}_{i}" in status for i in range(4)) and "30/30" in status
+    assert status.count("COMPLETED") == 3 + 1 and "3 trials: 3 COMPLETED" in status   # rows + summary line
+    assert all(f"{array_id}_{i}" in status for i in range(3)) and "30/30" in status
 
 
 def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(slurm_cluster, tmp_path, capsys):
-    steps, log_every = 400, 10
-    sweep = _sweep_file(tmp_path, "slurm_requeue", batch=256, hidden=128, steps=steps, log_every=log_every,
+    steps, log_every = 200, 10
+    sweep = _sweep_file(tmp_path, "slurm_requeue", batch=128, hidden=64, steps=steps, log_every=log_every,
                         ckpt_every=50, gpus=2)
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
     _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root), "--tracking-uri", uri)
@@ -212,3 +212,32 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
     assert run.info.status == "FINISHED" and run.data.tags["ctmlab.slurm_job_id"] == job_id
     history = _client(uri).get_metric_history(run.info.run_id, "train/loss_dsm")
     assert sorted(m.step for m in history) == list(range(log_every, steps + 1, log_every))   # each step once
+
+
+def test_slurm_ray_runs_the_tune_sweep_on_a_private_ray_cluster_in_one_allocation(slurm_cluster, tmp_path, capsys):
+    from cluster.slurm_ray import ray_ports, ray_temp_dir
+
+    sweep = _sweep_file(tmp_path, "slurm_ray_smoke", lrs="[0.001, 0.002]")
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stdout = _launch(capsys, str(sweep), "--backend", "slurm-ray", "--profile", "local", "--root", str(root),
+                     "--tracking-uri", uri, "--max-concurrent", "2")
+    record = _jobs_record(root)
+    job_id = record["ray_job_id"]
+    assert f"submitted Ray allocation {job_id} for 2 trial(s)" in stdout
+    assert [j["job_id"] for j in record["jobs"]] == [job_id, job_id]
+    log = root / "slurm-ray" / f"{job_id}.out"
+    _wait_for(lambda: job_id not in _squeue("-o", "%i"), 300, "the Ray allocation to finish",
+              lambda: "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else "(no log)")
+
+    text = log.read_text(errors="replace")
+    assert "Ray runtime started" in text and f":{ray_ports(job_id)['gcs']}" in text   # the job's own port block
+    assert not Path(ray_temp_dir(job_id)).exists()                                     # its temp dir is cleaned up
+    runs = _runs(uri, "slurm_ray_smoke")
+    trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
+    (parent,) = [r for r in runs if r.data.tags.get("ctmlab.role") == "sweep"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials), [r.info.status for r in trials]
+    assert all(r.data.tags["ctmlab.slurm_job_id"] == job_id and r.data.tags.get("ctmlab.ray_trial_id") for r in trials)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ctmlab.backend"] == "slurm-ray"
+    status = _launch(capsys, "status", str(sweep), "--root", str(root))
+    assert "2 trials: 2 COMPLETED" in status
