@@ -2,7 +2,6 @@
 config sections to constructors, shared by training, sampling and evaluation."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -10,16 +9,11 @@ from torch import nn
 
 from .config import GANConfig, ModelConfig, OptimConfig, TrainConfig
 from .parameterization import CTMModel
-from .process import VEProcess
 
 
 def data_meta(dataset) -> dict[str, Any]:
     """What a checkpoint must remember of the data to rebuild its network without the data."""
     return {"data_shape": list(dataset.data_shape), "num_classes": int(dataset.num_classes), "kind": dataset.kind}
-
-
-def build_process(config: TrainConfig) -> VEProcess:
-    return VEProcess(**asdict(config.process))
 
 
 def build_backbone(model: ModelConfig, meta: dict[str, Any], class_conditional: bool) -> nn.Module:
@@ -44,7 +38,7 @@ def build_backbone(model: ModelConfig, meta: dict[str, Any], class_conditional: 
 
 def build_model(config: TrainConfig, meta: dict[str, Any]) -> CTMModel:
     backbone = build_backbone(config.model, meta, config.data.class_conditional)
-    return CTMModel(backbone, build_process(config))
+    return CTMModel(backbone, config.process)
 
 
 def build_optimizer(params, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from .process import VEProcess
 from .schedules import WeightSchedule
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
@@ -40,14 +41,6 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 # auto / on / off; YAML 1.1 reads bare on/off as booleans, which mean the same here
 Switch = Annotated[Literal["auto", "on", "off"],
                    BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)]
-
-
-@dataclass(config=_STRICT)
-class ProcessConfig:
-    sigma_min: PositiveFloat = 0.002
-    sigma_max: PositiveFloat = 80.0
-    rho: PositiveFloat = 7.0
-    sigma_data: PositiveFloat = 0.5
 
 
 def _check_data_spec(spec: str) -> str:
@@ -182,7 +175,7 @@ class RuntimeConfig:
 class TrainConfig:
     mode: Literal["edm", "ctm", "ctm_scratch", "cd"] = "edm"
     seed: Annotated[int, Field(ge=0)] = 0
-    process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
+    process: VEProcess = dataclasses.field(default_factory=VEProcess)  # validated by VEProcess itself
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
@@ -196,8 +189,6 @@ class TrainConfig:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if self.process.sigma_max <= self.process.sigma_min:
-            raise ValueError("process.sigma_max must be > process.sigma_min")
         if self.mode in ("ctm", "cd") and not self.teacher.checkpoint:
             raise ValueError(f"teacher.checkpoint is required in mode {self.mode!r} (train one with mode 'edm')")
         if self.mode == "edm" and not self.loss.lambda_gan.is_off:

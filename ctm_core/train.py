@@ -26,7 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .builders import build_discriminator, build_model, build_optimizer, build_process, data_meta
+from .builders import build_discriminator, build_model, build_optimizer, data_meta
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
 from .data import BatchStream, derived_seed, load_dataset
 from .distributed import DistEnv, barrier, broadcast_object, init_distributed
@@ -134,7 +134,7 @@ def _draw(config: TrainConfig, step: int, x_shape: tuple[int, ...], device: torc
     """The global batch's noise and times for this step, identical on every rank."""
     gen = torch.Generator().manual_seed(derived_seed("step", config.seed, step))
     batch = config.data.batch_size
-    process = build_process(config)
+    process = config.process
     draw: dict[str, Any] = {"noise": torch.randn((batch, *x_shape), generator=gen)}
     draw["dsm_noise"] = torch.randn((batch, *x_shape), generator=gen)
     d = config.loss.dsm
