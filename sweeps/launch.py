@@ -99,7 +99,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def print_trial_table(plan: SweepPlan, trials: Sequence[Trial], skipped: dict[str, Any] | None = None,
-                      out=sys.stdout) -> None:
+                      out=None) -> None:
+    out = out or sys.stdout
     skipped = skipped or {}
     axes = list(plan.axes)
     header = ["#", *axes, "seed", "config hash", "steps", "cpus", "gpus", "est. GPU-h", "status"]
@@ -138,8 +139,9 @@ def print_trial_table(plan: SweepPlan, trials: Sequence[Trial], skipped: dict[st
 
 
 def print_ablation_table(name: str, uri: str, experiment: str, parent_run_id: str | None,
-                         reused: dict[str, Any], trials: Sequence[Trial], out=sys.stdout) -> bool:
+                         reused: dict[str, Any], trials: Sequence[Trial], out=None) -> bool:
     """The sweep's ablation table from this launch's runs (children of the parent run plus reused ones)."""
+    out = out or sys.stdout
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from analysis import ablation_table, layout_for, load_runs
@@ -349,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif _complete_out_dir(t):
                     _move_aside(t, launch_id, "its out dir is complete but the store has no FINISHED run")
         parent = None
-    for h, run in skipped.items():
-        t = next(t for t in trials if t.config_hash == h)
-        print(f"skip {t.name}: config {h} already FINISHED as MLflow run {run.info.run_id} "
+    for t in trials:
+        if t.config_hash not in skipped:
+            continue
+        run = skipped[t.config_hash]
+        print(f"skip {t.name}: config {t.config_hash} already FINISHED as MLflow run {run.info.run_id} "
               f"(sweep {run.data.tags.get('ctmlab.sweep', '?')}); --force runs it again")
 
     if backend in _cluster_backends():

@@ -32,7 +32,7 @@ from .trial import run_trial
 REPORT_EVERY_S = 30.0
 POINTER_FILE = "trainer_checkpoint.json"
 # Unix sockets live under Ray's temp dir; their paths must stay below 108 bytes.
-_MAX_TEMP_DIR = 60
+_MAX_TEMP_DIR = 40  # + "/session_<date>_<time>_<pid>/sockets/plasma_store" (~65)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +165,24 @@ def _run_ddp(ctx: SweepContext, trial: Trial, tags: dict) -> dict[str, Any]:
     return final
 
 
+def _finished_run(ctx: SweepContext, trial: Trial):
+    """A FINISHED MLflow run that makes training this trial again pointless, else None.
+
+    Tune persists its experiment state only every few seconds, so after a driver crash a trial that
+    had finished may come back as unfinished; its run under this launch's parent says it is done.
+    Without --force, a FINISHED run of the same config anywhere in the experiment counts too.
+    """
+    from .tracking import PARENT_TAG, ensure_experiment, finished_runs
+
+    experiment_id = ensure_experiment(ctx.tracking_uri, ctx.experiment)
+    run = finished_runs(ctx.tracking_uri, experiment_id, [trial.config_hash]).get(trial.config_hash)
+    if run is None:
+        return None
+    if ctx.force and run.data.tags.get(PARENT_TAG) != ctx.parent_run_id:
+        return None
+    return run
+
+
 def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune function trainable: one trial = run_trial (+ a final report)."""
     import torch
@@ -175,16 +193,11 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id() or ""
     trial = ctx.trial_for(config, trial_id)
     tags = {**ctx.extra_tags, "ctmlab.ray_trial_id": trial_id}
-    if "trial" not in config and not ctx.force:  # a search may sample an already finished config
-        from .tracking import ensure_experiment, finished_runs
-
-        done = finished_runs(ctx.tracking_uri, ensure_experiment(ctx.tracking_uri, ctx.experiment),
-                             [trial.config_hash])
-        if done:
-            run = done[trial.config_hash]
-            tune.report({**run.data.metrics, "step": trial.config.train.steps, "mlflow_run_id": run.info.run_id,
-                         "config_hash": trial.config_hash, "skipped": 1})
-            return
+    done = _finished_run(ctx, trial)
+    if done is not None:  # finished in this launch before a crash of the driver, or (a search) sampled twice
+        tune.report({**done.data.metrics, "step": trial.config.train.steps, "mlflow_run_id": done.info.run_id,
+                     "config_hash": trial.config_hash, "skipped": 1})
+        return
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:

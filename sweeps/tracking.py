@@ -222,7 +222,14 @@ def finished_runs(uri: str, experiment_id: str, hashes: Iterable[str]) -> dict[s
     if not wanted:
         return {}
     out: dict[str, Any] = {}
-    for run in _search(uri, experiment_id, f"attributes.status = 'FINISHED' and tags.`{TAG}role` = 'trial'"):
+    base = f"attributes.status = 'FINISHED' and tags.`{TAG}role` = 'trial'"
+    if len(wanted) <= 4:  # a trial asking about itself: one indexed look-up instead of a scan
+        for h in sorted(wanted):
+            found = _search(uri, experiment_id, f"{base} and tags.`{TAG}config_hash` = '{h}'")
+            if found:
+                out[h] = found[0]
+        return out
+    for run in _search(uri, experiment_id, base):
         h = run.data.tags.get(f"{TAG}config_hash")
         if h in wanted and h not in out:
             out[h] = run
