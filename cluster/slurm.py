@@ -95,16 +95,24 @@ class TrialJob(submitit.helpers.Checkpointable):
     """One trial as a SLURM task's callable; requeued as itself on time-out or preemption.
 
     Nothing is saved in `checkpoint()`: the trainer checkpoints every `train.ckpt_every` steps and
-    resumes from its out_dir, and the MLflow run id is part of that checkpoint.
+    resumes from its out_dir, and the MLflow run id is part of that checkpoint. The trial travels as
+    plain data (Trial.to_dict), not as pickled config classes, so a job that starts or restarts after
+    the checkout's code changed re-validates its config instead of failing to unpickle.
     """
 
     def __init__(self, trial: Any, tracking_uri: Optional[str], experiment: str, parent_run_id: Optional[str],
                  extra_tags: Optional[Mapping[str, str]] = None):
-        self.trial = trial
+        self.trial_data = trial.to_dict()
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
         self.extra_tags = dict(extra_tags or {})
+
+    @property
+    def trial(self) -> Any:
+        from sweeps.spec import Trial
+
+        return Trial.from_dict(self.trial_data)
 
     def __call__(self) -> dict:
         job_env = submitit.JobEnvironment()
@@ -123,22 +131,27 @@ class TrialJob(submitit.helpers.Checkpointable):
 class TeacherJob(submitit.helpers.Checkpointable):
     """Trains the sweep's EDM teacher (every rank); the trial array waits for it (afterok).
 
-    Resumes from the teacher's out_dir when requeued; does nothing when it already holds the last step."""
+    Resumes from the teacher's out_dir when requeued; does nothing when it already holds the last step.
+    The config travels as plain data (see TrialJob)."""
 
     def __init__(self, config: Any):
-        self.config = config
+        from ctm_core.config import config_to_dict
+
+        self.config_data = config_to_dict(config)
 
     def __call__(self) -> str:
         from ctm_core import checkpoint as ckpt
+        from ctm_core.config import config_from_dict
         from ctm_core.train import train
 
-        found = ckpt.list_checkpoints(self.config.runtime.out_dir)
-        if found and found[-1][0] >= self.config.train.steps:
-            return str(self.config.runtime.out_dir)
+        config = config_from_dict(self.config_data)
+        found = ckpt.list_checkpoints(config.runtime.out_dir)
+        if found and found[-1][0] >= config.train.steps:
+            return str(config.runtime.out_dir)
         if submitit.JobEnvironment().num_tasks > 1:
             export_rendezvous()
-        train(self.config)
-        return str(self.config.runtime.out_dir)
+        train(config)
+        return str(config.runtime.out_dir)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
@@ -216,34 +229,25 @@ class BatchPlan:
 
     @property
     def accumulation(self) -> str:
-        text = f"{self.per_gpu // self.micro}"
+        """Microbatches per step (before -> with the GAN loss)."""
+        text = f"{math.ceil(self.per_gpu / self.micro)}"
         if self.gan_micro:
-            text += f"->{self.per_gpu // self.gan_micro}"
+            text += f"->{math.ceil(self.per_gpu / self.gan_micro)}"
         return text
 
 
 def batch_plan(config: Any, world_size: int, trial_label: str = "") -> BatchPlan:
-    """Per-process batch and microbatches as the trainer will use them; refuses what it would refuse."""
+    """Per-process batch and microbatches as the trainer will use them (a microbatch is a memory
+    ceiling: the last one of a step may be smaller); refuses a global batch the processes cannot share."""
     batch = int(config.data.batch_size)
     where = f" (trial {trial_label})" if trial_label else ""
     if batch % world_size:
-        raise SubmitError(f"data.batch_size={batch} is not divisible by the {world_size} processes{where}")
+        raise SubmitError(f"data.batch_size={batch} is not divisible by the {world_size} processes{where}; "
+                          f"use a multiple of {world_size}")
     local = batch // world_size
     gan_on = not config.loss.lambda_gan.is_off and config.mode != "edm"
-
-    def fit(key: str, size: Optional[int]) -> int:
-        size = min(size or local, local)
-        if local % size == 0:
-            return size
-        sizes = [m for m in (config.data.micro_batch, config.gan.micro_batch if gan_on else None) if m]
-        unit = world_size * math.lcm(*sizes)
-        suggestion = max(unit, round(batch / unit) * unit)
-        raise SubmitError(f"{key}={size} does not divide the per-GPU batch {local} = data.batch_size {batch} / "
-                          f"{world_size} processes{where}; change data.batch_size (e.g. {suggestion}, a multiple "
-                          f"of {unit}) or {key} (--set cluster.trainer.{key}=...)")
-
-    micro = fit("data.micro_batch", config.data.micro_batch)
-    gan_micro = fit("gan.micro_batch", config.gan.micro_batch) if gan_on else None
+    micro = min(config.data.micro_batch or local, local)
+    gan_micro = min(config.gan.micro_batch or micro, local) if gan_on else None
     return BatchPlan(batch, local, micro, gan_micro)
 
 
@@ -251,32 +255,15 @@ def _override_keys(overrides: Sequence[str]) -> set[str]:
     return {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
 
 
-MICRO_KEYS = ("data.micro_batch", "gan.micro_batch")
-
-
-def largest_divisor_at_most(n: int, ceiling: int) -> int:
-    return max(d for d in range(1, max(1, min(n, ceiling)) + 1) if n % d == 0)
-
-
 def prepare_config(config: Any, profile: ClusterProfile, protected: set[str] = frozenset(), world_size: int = 1) -> Any:
     """The trainer config as it will run on this profile, with an absolute out_dir.
 
-    The profile's trainer overrides apply where the key is not `protected` (set by the sweep's
-    axes or the user's --set). Its microbatches are per-GPU *memory ceilings* (what fits the GPU):
-    each becomes the largest divisor of the per-GPU batch not above it, because microbatching only
-    trades memory for time (gradients are accumulated) and must divide the per-GPU batch. A
-    microbatch the user or the sweep sets is taken as is (and checked by batch_plan)."""
+    The profile's trainer overrides (per-GPU microbatches that fit the GPU's memory, precision)
+    apply where the key is not `protected` -- set by the sweep's axes or the user's --set."""
     from ctm_core.config import apply_overrides, config_from_dict, config_to_dict
 
-    items = [item for item in profile.trainer_overrides()
-             if item.split("=", 1)[0] not in protected and item.split("=", 1)[0] not in MICRO_KEYS]
+    items = [item for item in profile.trainer_overrides() if item.split("=", 1)[0] not in protected]
     items.append(f"runtime.out_dir={json.dumps(str(Path(config.runtime.out_dir).absolute()))}")
-    batch = int(config.data.batch_size)
-    if batch % world_size == 0:
-        for key in MICRO_KEYS:
-            ceiling = profile.trainer.get(key)
-            if ceiling is not None and key not in protected:
-                items.append(f"{key}={largest_divisor_at_most(batch // world_size, int(ceiling))}")
     return config_from_dict(apply_overrides(config_to_dict(config), items))
 
 
@@ -452,11 +439,6 @@ def render_sbatch(plan: ArrayPlan, folder: Path, python: Optional[str] = None) -
                                **plan.parameters)
 
 
-def _with_ceiling(value: int, ceiling: Any) -> str:
-    """'16', or '8 (profile max 11)' where the profile's ceiling does not divide the per-GPU batch."""
-    return str(value) if ceiling is None or int(ceiling) == value else f"{value} (profile max {ceiling})"
-
-
 def describe_plan(plan: ArrayPlan, profile: ClusterProfile, index: int, total: int, sweep: str) -> str:
     lay = plan.layout
     k = plan.parameters["array_parallelism"]
@@ -471,14 +453,14 @@ def describe_plan(plan: ArrayPlan, profile: ClusterProfile, index: int, total: i
         f"per trial: {res}; time limit {profile.time_limit} ({profile.time_limit_min} min); "
         f"requeued on time-out/preemption (up to {profile.max_requeues} time-outs)",
     ]
-    header = ("trial", "variant", "seed", "gpus", "batch", "batch/GPU", "micro/GPU", "GAN micro/GPU", "est GPU-h")
+    header = ("trial", "variant", "seed", "gpus", "batch", "batch/GPU", "micro/GPU", "GAN micro/GPU", "micro/step",
+              "est GPU-h")
     rows = []
     for trial, bp in zip(plan.trials, plan.batches):
         est = getattr(trial, "estimated_gpu_hours", None)
         rows.append((str(getattr(trial, "index", "?")), str(getattr(trial, "variant", "")) or "-",
                      str(getattr(trial, "seed", "-")), str(lay.gpus), str(bp.global_batch), str(bp.per_gpu),
-                     _with_ceiling(bp.micro, profile.trainer.get("data.micro_batch")),
-                     _with_ceiling(bp.gan_micro, profile.trainer.get("gan.micro_batch")) if bp.gan_micro else "-",
+                     str(bp.micro), str(bp.gan_micro) if bp.gan_micro else "-", bp.accumulation,
                      f"{est:.3g}" if isinstance(est, (int, float)) else "-"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -216,8 +216,12 @@ def submit_ray_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=
         {"ctmlab.slurm_profile": profile.name, "ctmlab.sweep_root": str(sweep_root)})
     submission.parent_run_id = parent
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Plain data where possible (a requeued allocation may start after the checkout's code changed):
+    # trials as Trial.to_dict(), the sweep by its file (pickled only when it has none).
+    spec_path = getattr(spec, "path", None)
     payload.write_bytes(cloudpickle.dumps({
-        "spec": spec, "trials": prepared, "tracking_uri": tracking_uri, "experiment": experiment,
+        "spec_path": str(spec_path) if spec_path else None, "spec": None if spec_path else spec,
+        "trials": [t.to_dict() for t in prepared], "tracking_uri": tracking_uri, "experiment": experiment,
         "parent_run_id": parent, "max_concurrent": concurrency, "args": _plain_args(args),
     }))
     script_path = run_dir / "job.sh"
@@ -257,9 +261,13 @@ def drive(payload_path: str | Path) -> int:
 
     payload = cloudpickle.loads(Path(payload_path).read_bytes())
     from sweeps import ray_backend  # the sweeps package's Ray Tune engine
+    from sweeps.spec import Trial, load_sweep
 
+    spec = load_sweep(payload["spec_path"]) if payload["spec_path"] else payload["spec"]
+    payload["spec"] = spec
+    trials = [Trial.from_dict(t) for t in payload["trials"]]
     ray_backend.run_sweep_on_ray(
-        payload["spec"], payload["trials"], address="auto", tracking_uri=payload["tracking_uri"],
+        spec, trials, address="auto", tracking_uri=payload["tracking_uri"],
         experiment=payload["experiment"], parent_run_id=payload["parent_run_id"],
         max_concurrent=payload["max_concurrent"],
         extra_tags={"ctmlab.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cluster.profiles import (ProfileError, load_profile, parse_time_limit, profile_from_dict, split_overrides)
-from cluster.slurm import (SubmitError, batch_plan, job_layout, largest_divisor_at_most, missing_weights,
-                           prepare_trial, rendezvous_port, required_weights, submit_sweep)
+from cluster.slurm import (SubmitError, batch_plan, job_layout, missing_weights, prepare_trial, rendezvous_port,
+                           required_weights, submit_sweep)
 from cluster.slurm_ray import ray_ports, ray_temp_dir, submit_ray_sweep
 from cluster.status import collect_status, format_table, read_progress
 from sweeps.spec import load_sweep, parse_sweep
@@ -112,20 +112,21 @@ def test_rendezvous_port_is_stable_per_job_and_distinct_between_jobs():
     assert all(20000 <= rendezvous_port(j) < 50000 for j in (1, 29999, 30000, 10**7))
 
 
-def test_profile_microbatches_are_memory_ceilings_and_user_values_are_exact():
+def test_profile_trainer_overrides_apply_unless_the_sweep_or_the_user_set_the_key():
     spec = load_sweep("ablation_gan")
     trial = spec.trials("paper")[1]            # a GAN variant, batch 256 on 4 GPUs -> 64 per GPU
     v100 = load_profile("v100")
     ready = prepare_trial(trial, v100, world_size=4)
-    assert (ready.config.data.micro_batch, ready.config.gan.micro_batch) == (16, 8)  # 11 does not divide 64
+    assert (ready.config.data.micro_batch, ready.config.gan.micro_batch) == (16, 11)   # the paper's per-GPU sizes
     assert ready.config.train.bf16 == "off" and Path(ready.config.runtime.out_dir).is_absolute()
     assert ready.config_hash == trial.config_hash   # identity kept: finished configs are still recognised
-    assert largest_divisor_at_most(132, 16) == 12 and largest_divisor_at_most(64, 11) == 8
-    user = ["gan.micro_batch=11"]
-    exact = prepare_trial(spec.trials("paper", overrides=user)[1], v100, user, world_size=4)
-    assert exact.config.gan.micro_batch == 11
-    with pytest.raises(SubmitError, match=r"gan\.micro_batch=11 does not divide the per-GPU batch 64.*data\.batch_size"):
-        batch_plan(exact.config, 4)
+    plan = batch_plan(ready.config, 4)
+    assert (plan.per_gpu, plan.micro, plan.gan_micro, plan.accumulation) == (64, 16, 11, "4->6")
+    user = ["gan.micro_batch=8"]
+    mine = prepare_trial(spec.trials("paper", overrides=user)[1], v100, user, world_size=4)
+    assert mine.config.gan.micro_batch == 8
+    off = prepare_trial(spec.trials("paper")[0], v100, world_size=4)
+    assert batch_plan(off.config, 4).gan_micro is None     # lambda_gan off: no GAN phase
     with pytest.raises(SubmitError, match=r"data\.batch_size=256 is not divisible by the 3"):
         batch_plan(trial.config, 3)
 
@@ -190,11 +191,11 @@ def test_launch_dry_run_ablation_gan_on_v100_matches_profile_and_paper_setting(t
     assert "-m submitit.core._submit" in scripts[1]
     rows = [line.split() for line in text.splitlines() if re.match(r"^\d+\s+loss\.lambda_gan=", line)]
     assert len(rows) == 5
-    for row in rows:   # trial variant seed gpus batch batch/GPU micro/GPU GAN-micro ...
+    for row in rows:   # trial variant seed gpus batch batch/GPU micro/GPU GAN-micro micro/step est
         assert row[3:7] == ["4", "256", "64", "16"]   # global 256 = 4 GPUs x 64; microbatch 16 (paper)
-    gan_rows = [row for row in rows if not row[1].endswith("=off")]
-    # GAN phase: the profile's 11 is a ceiling; 11 does not divide 64, so 8 (the largest divisor below it).
-    assert gan_rows and all(row[7] == "8" and "11" in " ".join(row[8:]) for row in gan_rows)
+    gan = {row[1].split("=", 1)[1]: row[7:9] for row in rows}
+    assert gan.pop("off") == ["-", "4"]               # no GAN phase: 4 microbatches of 16
+    assert gan and all(v == ["11", "4->6"] for v in gan.values())   # GAN phase: 11 per GPU (paper)
 
 
 def test_dry_run_honours_cluster_overrides_and_max_concurrent(tmp_path, monkeypatch):

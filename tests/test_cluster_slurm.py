@@ -176,9 +176,12 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
 
 
 def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(slurm_cluster, tmp_path, capsys):
-    steps, log_every = 200, 10
-    sweep = _sweep_file(tmp_path, "slurm_requeue", batch=128, hidden=64, steps=steps, log_every=log_every,
-                        ckpt_every=50, gpus=2)
+    """Two interruptions of one 2-task DDP trial: `scontrol requeue` (as an admin or preemption would),
+    then SIGUSR2 (what SLURM sends before the time limit), which goes through submitit's handler:
+    TrialJob.checkpoint() resubmits the trial and the job requeues itself."""
+    steps, log_every, ckpt_every = 200, 10, 25
+    sweep = _sweep_file(tmp_path, "slurm_requeue", batch=64, hidden=32, steps=steps, log_every=log_every,
+                        ckpt_every=ckpt_every, gpus=2)
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
     _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root), "--tracking-uri", uri)
     record = _jobs_record(root)
@@ -188,23 +191,40 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
 
     from ctm_core.checkpoint import list_checkpoints
 
-    _wait_for(lambda: _job_state(job_id)[0] == "RUNNING" and list_checkpoints(out_dir), 120,
+    def attempts() -> list[dict]:
+        path = out_dir / "slurm_attempts.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def newest_ckpt() -> int:
+        found = list_checkpoints(out_dir)
+        return found[-1][0] if found else 0
+
+    # 1. scontrol requeue once the first attempt has a checkpoint.
+    _wait_for(lambda: _job_state(job_id)[0] == "RUNNING" and newest_ckpt() > 0, 120,
               "the trial to run and write its first checkpoint", lambda: _logs(root / "slurm"))
-    first_ckpt = list_checkpoints(out_dir)[-1][0]
+    first_ckpt = newest_ckpt()
     assert 0 < first_ckpt < steps
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
-    _wait_for(lambda: (out_dir / "final_metrics.json").is_file() and not [j for j in _squeue("-o", "%i")
-                                                                           if j in (job_id, record["finalize_job_id"])],
-              240, "the requeued trial to finish", lambda: _logs(root / "slurm"))
+    # 2. SIGUSR2 once the second attempt has written a checkpoint of its own.
+    _wait_for(lambda: len(attempts()) == 2 and _job_state(job_id)[0] == "RUNNING"
+              and newest_ckpt() >= attempts()[1]["start_step"] + ckpt_every, 150,
+              "the requeued attempt to checkpoint", lambda: _logs(root / "slurm"))
+    second_ckpt = newest_ckpt()
+    assert second_ckpt < steps, "the trial finished before it could be signalled; raise `steps`"
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, capture_output=True)
+    _wait_for(lambda: (out_dir / "final_metrics.json").is_file() and job_id not in _squeue("-o", "%i"), 240,
+              "the twice-interrupted trial to finish", lambda: _logs(root / "slurm"))
 
-    attempts = [json.loads(line) for line in (out_dir / "slurm_attempts.jsonl").read_text().splitlines()]
-    assert len(attempts) == 2
-    assert (attempts[0]["start_step"], attempts[0]["restart_count"], attempts[0]["world_size"]) == (0, 0, 2)
-    assert attempts[1]["restart_count"] == 1 and attempts[1]["world_size"] == 2
-    assert attempts[1]["start_step"] >= first_ckpt and attempts[1]["start_step"] % 50 == 0
-    assert attempts[1]["resumed_from"].endswith(f"ckpt_{attempts[1]['start_step']:09d}.pt")
+    runs = attempts()
+    assert [a["restart_count"] for a in runs] == [0, 1, 2] and all(a["world_size"] == 2 for a in runs)
+    assert runs[0]["start_step"] == 0 and runs[0]["resumed_from"] is None
+    assert runs[1]["start_step"] >= first_ckpt and runs[2]["start_step"] >= second_ckpt   # resumed, not restarted
+    for a in runs[1:]:
+        assert a["start_step"] % ckpt_every == 0 and a["resumed_from"].endswith(f"ckpt_{a['start_step']:09d}.pt")
     assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == steps
-    assert _job_state(job_id)[1] in ("1", "")   # Restarts=1 while slurmctld still lists the job
+    logs = "\n".join(p.read_text(errors="replace") for p in (root / "slurm").glob(f"{job_id}_0_log.*"))
+    assert "this job is preempted" in logs and "Exiting gracefully after preemption/timeout" in logs
+    assert _job_state(job_id)[1] in ("2", "")   # Restarts=2 while slurmctld still lists the job
 
     trials = [r for r in _runs(uri, "slurm_requeue") if r.data.tags.get("ctmlab.role") == "trial"]
     assert len(trials) == 1, "a requeued trial must continue its MLflow run, not start a second one"
