@@ -16,7 +16,7 @@ from ctm_core.config import load_config
 from ctm_core.train import train
 
 RECIPES = {
-    "toy": ("configs/toy_teacher.yaml", "configs/toy_ctm.yaml", "sw2", ["eval.num_samples=5000"]),
+    "toy": ("configs/toy_teacher.yaml", "configs/toy_ctm.yaml", "sw2", ["eval.num_samples=5000", "eval.every=0"]),
     "digits": ("configs/digits_teacher.yaml", "configs/digits_ctm.yaml", "fd_digits", []),
 }
 REPO = Path(__file__).resolve().parents[1]
