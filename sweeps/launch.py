@@ -416,25 +416,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_state(plan, state)
             ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
                                            args.force, max(1, int(plan.resources.cpus)), env)
-            results = ray_backend.run_tune(ctx, to_run, plan.root / "tune", state["tune_name"], args.resume,
-                                           args.max_concurrent or plan.max_concurrent)
-            errors = [r for r in results if r.error is not None]
-            for r in errors:
-                print(f"trial failed: {r.config} -> {type(r.error).__name__}: {str(r.error).splitlines()[0][:300]}")
+            try:
+                results = ray_backend.run_tune(ctx, to_run, plan.root / "tune", state["tune_name"], args.resume,
+                                               args.max_concurrent or plan.max_concurrent)
+            except Exception as err:  # noqa: BLE001 -- report, close the parent run, print what finished
+                print(f"error: the Tune run stopped: {type(err).__name__}: {str(err)[-2000:]}", file=sys.stderr)
+            else:
+                for r in results:
+                    if r.error is not None:
+                        print(f"trial failed: {r.config} -> {type(r.error).__name__}: "
+                              f"{str(r.error).strip().splitlines()[-1][:300]}")
     finally:
         timings["end"] = time.time()
         state["timings"] = timings
         _write_state(plan, state)
 
     # 4. Close the parent run and print the table.
-    status = {r.data.tags.get("ctmlab.config_hash"): r.info.status
-              for r in tracking.children(uri, experiment_id, parent)}
-    unfinished = [t for t in to_run if status.get(t.config_hash) != "FINISHED"]
+    runs = tracking.children(uri, experiment_id, parent)
+    done = {r.data.tags.get("ctmlab.config_hash") for r in runs
+            if r.info.status == "FINISHED" or r.data.tags.get("ctmlab.stopped_by") == "scheduler"}
+    stopped = sum(r.data.tags.get("ctmlab.stopped_by") == "scheduler" for r in runs)
+    if plan.search is None:
+        unfinished = [t.name for t in to_run if t.config_hash not in done]
+        status = {r.data.tags.get("ctmlab.config_hash"): r.info.status for r in runs}
+        for t in to_run:
+            if t.config_hash not in done:
+                print(f"not finished: {t.name} ({t.config_hash}): MLflow status {status.get(t.config_hash, 'no run')}")
+    else:  # the searcher picked the points: count runs, not the dry-run preview
+        unfinished = ["sample"] * max(0, (len(to_run) if to_run else 0) - len(done))
+        if unfinished:
+            print(f"not finished: {len(unfinished)} of {len(to_run)} sampled trial(s)")
+    if stopped:
+        print(f"{stopped} trial(s) stopped early by the {plan.scheduler.type if plan.scheduler else ''} scheduler "
+              "(MLflow status KILLED, tag ctmlab.stopped_by=scheduler)")
     ok = not unfinished
-    for t in unfinished:
-        print(f"not finished: {t.name} ({t.config_hash}): MLflow status {status.get(t.config_hash, 'no run')}")
     tracking.log_metrics(uri, parent, 0, {"sweep/wall_seconds": timings["end"] - T_COMMAND,
-                                          "sweep/trials_finished": len(to_run) - len(unfinished)})
+                                          "sweep/trials_done": len(done)})
     tracking.set_status(uri, parent, "FINISHED" if ok else "FAILED")
     state["status"] = "finished" if ok else "incomplete"
     _write_state(plan, state)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -55,7 +56,8 @@ class SweepContext:
         if "trial" in config:
             return self.trials[config["trial"]]
         axes = {path: config[path] for path in self.plan.axes}
-        index = int(trial_id.rsplit("_", 1)[-1]) if "_" in trial_id else 0
+        tail = trial_id.rsplit("_", 1)[-1]  # grid ids end in _00003; searchers' ids are random hex
+        index = int(tail) if tail.isdigit() else int(hashlib.sha1(trial_id.encode()).hexdigest()[:6], 16)
         return self.plan.make_trial(axes, self.plan.seeds[0], index)
 
 
@@ -80,8 +82,9 @@ def _pointer_checkpoint(step: int, path: Path | None, out_dir: Path):
 class TuneReporter(Callback):
     """Trainer -> Tune: merged latest metrics on evaluations and checkpoints (plus a heartbeat)."""
 
-    def __init__(self, trial: Trial, sink=None):
+    def __init__(self, trial: Trial, sink=None, metric: str | None = None):
         self.trial = trial
+        self.metric = metric                # reports wait until it exists (searchers read it from each one)
         self.latest: dict[str, Any] = {}
         self.last_report = 0.0
         self.mlflow_run_id: str | None = None
@@ -91,6 +94,8 @@ class TuneReporter(Callback):
         self._tracker = tracker
 
     def _report(self, step: int, checkpoint_path: Path | None = None) -> None:
+        if self.metric and self.metric not in self.latest:
+            return  # nothing Tune can rank yet (the trainer resumes from out_dir without Tune's checkpoint)
         tracker = getattr(self, "_tracker", None)
         payload = {**_numeric(self.latest), "step": step,
                    "mlflow_run_id": getattr(tracker, "run_id", None) or "", "config_hash": self.trial.config_hash}
@@ -130,7 +135,7 @@ def _ddp_worker(rank: int, world: int, port: int, ctx: SweepContext, trial: Tria
     import torch
 
     torch.set_num_threads(ctx.threads)
-    reporter = TuneReporter(trial, sink) if rank == 0 else None
+    reporter = TuneReporter(trial, sink, ctx.plan.metric) if rank == 0 else None
     result = run_trial(trial, ctx.tracking_uri, ctx.experiment, ctx.parent_run_id, tags,
                        [reporter] if reporter else [])
     if rank == 0:
@@ -207,7 +212,7 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     if trial.resources.processes > 1:
         final = _run_ddp(ctx, trial, tags)
     else:
-        reporter = TuneReporter(trial)
+        reporter = TuneReporter(trial, metric=ctx.plan.metric)
         result = run_trial(trial, ctx.tracking_uri, ctx.experiment, ctx.parent_run_id, tags, [reporter])
         final = _numeric(result)
     tune.report({**final, "config_hash": trial.config_hash})
@@ -228,24 +233,26 @@ class _MlflowStatusCallback:
             def __init__(self, uri: str):
                 self.uri = uri
 
-            def _close(self, trial, status: str) -> None:
+            def _close(self, trial, status: str, why: str) -> None:
                 run_id = (trial.last_result or {}).get("mlflow_run_id")
                 if not run_id:
                     return
-                from .tracking import client, retry, set_status
+                from .tracking import client, log_params_and_tags, retry, set_status
 
                 try:
                     run = retry(lambda: client(self.uri).get_run(run_id))
                     if run.info.status == "RUNNING":
+                        log_params_and_tags(self.uri, run_id, {}, {"ctmlab.stopped_by": why})
                         set_status(self.uri, run_id, status)
                 except Exception as err:  # noqa: BLE001
                     print(f"warning: could not close MLflow run {run_id}: {err}")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                self._close(trial, "KILLED")   # only reached when the trainer did not finish the run
+                # The run is still RUNNING only when Tune ended the trial early (the scheduler's decision).
+                self._close(trial, "KILLED", "scheduler")
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                self._close(trial, "FAILED")
+                self._close(trial, "FAILED", "error")
 
         return Impl(*args, **kwargs)
 
@@ -323,9 +330,10 @@ def run_tune(ctx: SweepContext, trials: list[Trial], storage: Path, name: str, r
         from ray.tune.schedulers import ASHAScheduler
 
         steps = max(t.config.train.steps for t in trials) if trials else 1
+        # stop_last_trials=False: a trial that reaches max_t ends by itself (its run then FINISHES).
         scheduler = ASHAScheduler(time_attr="step", max_t=plan.scheduler.max_t or steps,
                                   grace_period=plan.scheduler.grace_period,
-                                  reduction_factor=plan.scheduler.reduction_factor)
+                                  reduction_factor=plan.scheduler.reduction_factor, stop_last_trials=False)
     if plan.search is not None and plan.search.algo == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

@@ -1,0 +1,97 @@
+"""How much of a sweep's wall time is the sweep machinery rather than training?
+
+    python benchmarks/sweep_overhead.py [NAME] [--max-concurrent K] [--set key=value ...] [--keep]
+
+Runs `python sweeps/launch.py NAME` (smoke budget, embedded default: local Ray, a fresh SQLite
+MLflow store and sweep root in a temp dir) and prints:
+
+  wall time                 command start -> launcher exit (measured here)
+  teacher compute           the teacher's training (the launcher times it)
+  sum of trial compute      sum over trials of the MLflow child run's duration, i.e. the trainer
+                            from its first step to its end (evals, checkpoints and logging included)
+  overhead                  (wall - teacher - sum of trial compute / K) / wall, K = trials at once;
+                            with K = 1 (the default) exactly (wall - compute) / wall
+  command -> first step     until the first training step of anything (the teacher, if trained)
+  command -> first trial    until the first trial's first step
+
+Everything else -- interpreter start, imports, Ray start, actor start-up, data loading, MLflow
+queries and the final table -- counts as overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?", default="ablation_gan")
+    parser.add_argument("--max-concurrent", type=int, default=1)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (store and runs)")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="sweep-bench-"))
+    uri = f"sqlite:///{work}/mlflow.db"
+    command = [sys.executable, str(REPO / "sweeps" / "launch.py"), args.name, "--root", str(work / "runs" / args.name),
+               "--max-concurrent", str(args.max_concurrent), *[f"--set={o}" for o in args.overrides]]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    t0 = time.time()
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        print(f"launcher failed with exit status {proc.returncode}; kept {work}")
+        return 1
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ctm-lab")
+    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
+    compute = sum((r.info.end_time - r.info.start_time) / 1000 for r in trials)
+    first_trial = min(r.info.start_time for r in trials) / 1000 - t0
+    state = json.loads(next((work / "runs" / args.name / "launches").glob("*.json")).read_text())
+    timings = state["timings"]
+    teacher = timings.get("teacher_end", 0) - timings.get("teacher_start", 0)
+    teacher_trained = teacher > 2.0
+    first_step = (timings["teacher_start"] - t0) if teacher_trained else first_trial
+    slots = max(1, min(args.max_concurrent, len(trials)))
+    busy = teacher + compute / slots
+    overhead = (wall - busy) / wall
+
+    rows = [
+        ("sweep", f"{args.name} (smoke), {len(trials)} trials, {slots} at once"),
+        ("wall time", f"{wall:.1f} s"),
+        ("teacher compute", f"{teacher:.1f} s" if teacher_trained else "cached"),
+        ("sum of trial compute", f"{compute:.1f} s"),
+        ("overhead", f"{100 * overhead:.1f} % ({wall - busy:.1f} s)"),
+        ("command -> first training step", f"{first_step:.1f} s"),
+        ("command -> first trial step", f"{first_trial:.1f} s"),
+        ("Ray start (ray.init)", f"{timings['ray_ready'] - timings['teacher_end']:.1f} s"),
+        ("load average (1 min) at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"| {'quantity':<{width}} | value |")
+    print(f"|{'-' * (width + 2)}|-------|")
+    for key, value in rows:
+        print(f"| {key:<{width}} | {value} |")
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
