@@ -14,6 +14,7 @@ items adjust the node profile; every other --set item stays the launcher's.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Sequence
 
 CLUSTER_BACKENDS = ("slurm", "slurm-ray")
@@ -42,14 +43,25 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def dispatch_cluster(spec: Any, trials: Sequence[Any], args: Any):
-    """Run the chosen cluster backend; returns its Submission (job ids, scripts)."""
+    """Run the chosen cluster backend; returns its Submission (job ids, scripts).
+
+    Refused input (a bad profile or override, a batch the GPUs cannot share, trials still running
+    from an earlier submission) ends the command with `error: ...` and exit status 2, like the
+    launcher's own refusals."""
+    from .profiles import ProfileError
+    from .slurm import SubmitError
+
     backend = getattr(args, "backend", "slurm")
-    if backend == "slurm":
-        from .slurm import submit_sweep
+    try:
+        if backend == "slurm":
+            from .slurm import submit_sweep
 
-        return submit_sweep(spec, trials, args)
-    if backend == "slurm-ray":
-        from .slurm_ray import submit_ray_sweep
+            return submit_sweep(spec, trials, args)
+        if backend == "slurm-ray":
+            from .slurm_ray import submit_ray_sweep
 
-        return submit_ray_sweep(spec, trials, args)
+            return submit_ray_sweep(spec, trials, args)
+    except (ProfileError, SubmitError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     raise ValueError(f"--backend {backend!r} is not a cluster backend ({', '.join(CLUSTER_BACKENDS)})")

@@ -40,7 +40,7 @@ import submitit
 from ctm_core.train import Callback, RunInfo
 
 from .profiles import ClusterProfile, ProfileError, load_profile, split_overrides
-from .status import JOBS_FILE, sweep_root_of
+from .status import JOBS_FILE, load_job_records, squeue_states, sweep_root_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBMITIT_DIR = "slurm"
@@ -522,6 +522,21 @@ def resolve_tracking(spec: Any, args: Any) -> tuple[str, str]:
     return uri, _arg(args, "experiment") or tracking.get("experiment") or DEFAULT_EXPERIMENT
 
 
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def active_jobs_for(sweep_root: Path, out_dirs: Sequence[str]) -> dict[str, str]:
+    """{out_dir: job id} of trials that an earlier submission still has queued or running: submitting
+    them again would let two jobs train into one out_dir."""
+    records, _ = load_job_records(sweep_root)
+    wanted = {str(Path(d).absolute()) for d in out_dirs}
+    mine = {r["job_id"]: str(Path(r["out_dir"]).absolute()) for r in records.values()
+            if r.get("job_id") and str(Path(r.get("out_dir", "")).absolute()) in wanted}
+    live = squeue_states(mine) if mine else {}
+    return {mine[j]: j for j, state in live.items() if j in mine and state.split()[0] in ACTIVE_STATES}
+
+
 def _write_jobs_file(sweep_root: Path, record: dict) -> Path:
     path = sweep_root / JOBS_FILE
     data = json.loads(path.read_text()) if path.is_file() else {"sweep": record["sweep"], "submissions": []}
@@ -567,6 +582,14 @@ def submit_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=None
     note = _weights_note([t.config for t in prepared] + ([teacher.trials[0].config] if teacher else []), profile)
     if note:
         print(note, file=out)
+    busy = active_jobs_for(sweep_root, [t.config.runtime.out_dir for t in prepared])
+    if busy:
+        listing = ", ".join(f"job {j} ({Path(d).name})" for d, j in busy.items())
+        message = (f"{len(busy)} trial(s) of {sweep!r} are still queued or running from an earlier submission: "
+                   f"{listing}; wait for them or scancel them first (python sweeps/launch.py status {sweep})")
+        if not _arg(args, "dry_run", False):
+            raise SubmitError(message)
+        print(f"# WARNING: {message}", file=out)
 
     if _arg(args, "dry_run", False):
         jobs = ([teacher] if teacher else []) + plans

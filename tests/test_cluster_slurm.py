@@ -134,6 +134,11 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
     peak.start()
     assert f"as job(s) {array_id} (at most 2 at once)" in stdout
     assert [j["job_id"] for j in record["jobs"]] == [f"{array_id}_{i}" for i in range(3)]
+    # Launching again while the array is queued/running would put two jobs on one out_dir: refused.
+    with pytest.raises(SystemExit) as refused:
+        _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root),
+                "--tracking-uri", uri)
+    assert refused.value.code == 2 and "still queued or running" in capsys.readouterr().err
 
     def all_done() -> bool:
         gone = not [j for j in _squeue("-o", "%i") if j.split("_")[0] in (array_id, record["finalize_job_id"])]
@@ -179,7 +184,7 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
     """Two interruptions of one 2-task DDP trial: `scontrol requeue` (as an admin or preemption would),
     then SIGUSR2 (what SLURM sends before the time limit), which goes through submitit's handler:
     TrialJob.checkpoint() resubmits the trial and the job requeues itself."""
-    steps, log_every, ckpt_every = 200, 10, 25
+    steps, log_every, ckpt_every = 600, 20, 25
     sweep = _sweep_file(tmp_path, "slurm_requeue", batch=64, hidden=32, steps=steps, log_every=log_every,
                         ckpt_every=ckpt_every, gpus=2)
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -205,10 +210,9 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
     first_ckpt = newest_ckpt()
     assert 0 < first_ckpt < steps
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
-    # 2. SIGUSR2 once the second attempt has written a checkpoint of its own.
-    _wait_for(lambda: len(attempts()) == 2 and _job_state(job_id)[0] == "RUNNING"
-              and newest_ckpt() >= attempts()[1]["start_step"] + ckpt_every, 150,
-              "the requeued attempt to checkpoint", lambda: _logs(root / "slurm"))
+    # 2. SIGUSR2 as soon as the second attempt trains (signalled at once, so it cannot finish first).
+    _wait_for(lambda: len(attempts()) == 2 and _job_state(job_id)[0] == "RUNNING", 150,
+              "the requeued attempt to start", lambda: _logs(root / "slurm"))
     second_ckpt = newest_ckpt()
     assert second_ckpt < steps, "the trial finished before it could be signalled; raise `steps`"
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, capture_output=True)
