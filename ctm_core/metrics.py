@@ -91,11 +91,12 @@ def _mean_distance(a: Tensor, b: Tensor, exclude_diagonal: bool, chunk: int) -> 
     return total / count
 
 
-def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 1024) -> float:
+def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 1024, y_within: float | None = None) -> float:
     """Squared energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (unbiased within-sample terms).
 
     Zero in expectation when x and y come from one distribution (so it can be slightly negative),
-    positive otherwise. Needs at least two samples on each side.
+    positive otherwise. Needs at least two samples on each side. `y_within` = E|Y-Y'| of a fixed
+    reference, computed once by `within_distance(y)` when y is scored against many times.
     """
     a, b = _flat64(x, "x"), _flat64(y, "y")
     _same_dim(a, b)
@@ -104,8 +105,14 @@ def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 1024) -> float:
             raise ValueError(f"{name} needs at least 2 samples for the energy distance, got {t.shape[0]}")
     between = _mean_distance(a, b, False, chunk_size)
     within_a = _mean_distance(a, a, True, chunk_size)
-    within_b = _mean_distance(b, b, True, chunk_size)
+    within_b = _mean_distance(b, b, True, chunk_size) if y_within is None else y_within
     return 2 * between - within_a - within_b
+
+
+def within_distance(y: Tensor, chunk_size: int = 1024) -> float:
+    """E|Y-Y'| over distinct pairs: the reference's own term of the energy distance."""
+    b = _flat64(y, "y")
+    return _mean_distance(b, b, True, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -308,3 +308,10 @@ def test_fid_with_torchscript_detector(fake_detector_path, tmp_path):
     assert grey == pytest.approx(0, abs=1e-9)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         fid_from_samples(dark, tmp_path / "missing.npz", inception_path=fake_detector_path)
+
+
+def test_energy_distance_with_precomputed_reference_term():
+    from ctm_core.metrics import energy_distance, within_distance
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300, 2, generator=g), torch.randn(400, 2, generator=g) + 0.5
+    assert energy_distance(x, y, y_within=within_distance(y)) == pytest.approx(energy_distance(x, y), rel=1e-12)
