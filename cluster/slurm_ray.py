@@ -8,8 +8,8 @@ first node and one Ray worker per further node with `srun`, then runs the sweeps
 Tune backend against it (address=auto via RAY_ADDRESS). Tune packs trials onto the GPUs.
 
 Two users -- or two of your own jobs -- on one node must not collide, so each job takes
-  * a block of 100 ports derived from its job id (GCS, raylet, object manager, client server,
-    dashboard, dashboard agent, metrics, runtime-env agent, and a range of worker ports),
+  * its fixed ports (GCS, raylet, object manager, client server, dashboard, dashboard agent,
+    metrics, runtime-env agent) from a block derived from its job id, and OS-assigned worker ports,
   * its own temp dir /tmp/ray-<uid>-<jobid> (sockets, logs, spilled objects), removed at the end,
   * its own Ray auth token (RAY_AUTH_MODE=token, the token only in the job's environment);
 and the script never calls `ray stop` (which ends *every* Ray process of the user on the node):
@@ -34,25 +34,25 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .profiles import ClusterProfile, split_overrides
-from .slurm import (_weights_note, finalize_parent_run, resolve_tracking, SubmitError, Submission, _arg, _create_parent_run, _resources,
-                    _write_jobs_file, batch_plan, job_layout, job_setup_lines, prepare_trial, profile_from_args)
+from .slurm import (SubmitError, Submission, _arg, _create_parent_run, _resources, _weights_note, _write_jobs_file,
+                    batch_plan, finalize_parent_run, job_layout, job_setup_lines, prepare_trial, profile_from_args,
+                    resolve_tracking)
 from .status import sweep_root_of
 
 RAY_DIR = "slurm-ray"
-PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 100, 400
-# Offsets inside a job's port block; worker ports take the rest.
+# Each job's fixed Ray ports come from a block of PORT_BLOCK derived from its job id; worker
+# processes bind ports the OS assigns (--min/max-worker-port=0), so they never collide either.
+PORT_BASE, PORT_BLOCK, PORT_BLOCKS = 20000, 10, 4000
 PORT_OFFSETS = {"gcs": 0, "node_manager": 1, "object_manager": 2, "client_server": 3, "dashboard_agent_listen": 4,
                 "dashboard_agent_grpc": 5, "metrics_export": 6, "runtime_env_agent": 7, "dashboard": 8}
-WORKER_PORT_OFFSET = 20
 
 
 def ray_ports(job_id: int | str) -> dict[str, int]:
-    """The job's own port block (numeric job ids are unique, so concurrent jobs get disjoint blocks
-    unless their ids differ by a multiple of PORT_BLOCKS * ...; blocks repeat every 400 jobs)."""
+    """The job's own ports, in 20000..59999. Job ids are unique, so two jobs on one node share a
+    block only if their ids differ by a multiple of 4000; even then `ray start` fails on the taken
+    port (and the per-job auth token keeps the clusters apart) rather than joining the wrong one."""
     base = PORT_BASE + (int(str(job_id).split("_")[0]) % PORT_BLOCKS) * PORT_BLOCK
-    ports = {name: base + off for name, off in PORT_OFFSETS.items()}
-    ports["min_worker"], ports["max_worker"] = base + WORKER_PORT_OFFSET, base + PORT_BLOCK - 1
-    return ports
+    return {name: base + off for name, off in PORT_OFFSETS.items()}
 
 
 def ray_temp_dir(job_id: int | str, uid: Optional[int] = None) -> str:
@@ -113,10 +113,10 @@ def render_ray_script(profile: ClusterProfile, alloc: RayAllocation, job_name: s
              f"""# --- a private Ray cluster inside this allocation ---------------------------------------
 set -u
 job="$SLURM_JOB_ID"
-# A block of {PORT_BLOCK} ports from the job id: jobs sharing a node (other users included) never share a port.
+# Fixed ports from a block of {PORT_BLOCK} chosen by the job id (jobs sharing a node, other users' included,
+# get different blocks); worker processes take OS-assigned ports.
 block=$(( {PORT_BASE} + (job % {PORT_BLOCKS}) * {PORT_BLOCK} ))
 {offsets}
-ray_min_worker_port=$(( block + {WORKER_PORT_OFFSET} )); ray_max_worker_port=$(( block + {PORT_BLOCK - 1} ))
 ray_tmp="/tmp/ray-$(id -u)-$job"      # own temp dir: sockets, logs and spilled objects of this job only
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node="${{nodes[0]}}"
@@ -133,7 +133,7 @@ node_args=(--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus="${{SLURM_GPUS_ON_NODE:-
   --dashboard-agent-listen-port="$ray_dashboard_agent_listen_port"
   --dashboard-agent-grpc-port="$ray_dashboard_agent_grpc_port" --metrics-export-port="$ray_metrics_export_port"
   --runtime-env-agent-port="$ray_runtime_env_agent_port"
-  --min-worker-port="$ray_min_worker_port" --max-worker-port="$ray_max_worker_port"
+  --min-worker-port=0 --max-worker-port=0
   --disable-usage-stats --block)
 steps=()
 # With ray[client] installed, `ray start --head` opens the client server on 10001 unless told otherwise.

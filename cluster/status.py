@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 JOBS_FILE = "slurm_jobs.json"
 # Preferred "last metric": the newest eval score (student before teacher, the headline metric of the

@@ -16,7 +16,7 @@ from cluster.slurm import (SubmitError, batch_plan, job_layout, missing_weights,
                            required_weights, submit_sweep)
 from cluster.slurm_ray import ray_ports, ray_temp_dir, submit_ray_sweep
 from cluster.status import collect_status, format_table, read_progress
-from sweeps.spec import load_sweep, parse_sweep
+from sweeps.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -223,16 +223,19 @@ def test_dry_run_of_slurm_ray_renders_a_private_ray_cluster(tmp_path, monkeypatc
     assert script.count("srun --overlap") == 2 and "ray stop" not in script
     assert 'ray_tmp="/tmp/ray-$(id -u)-$job"' in script and 'export RAY_ADDRESS="$head_ip:$ray_gcs_port"' in script
     assert "-m cluster.slurm_ray drive" in script and "scontrol requeue" in script
+    assert "export RAY_AUTH_MODE=token" in script and "export RAY_AUTH_TOKEN" in script   # a token per job
+    assert "trap 'exit 143' TERM" in script and "trap cleanup EXIT" in script and 'rm -rf "$ray_tmp"' in script
     # The bash port arithmetic agrees with ray_ports(), and two jobs get disjoint blocks.
     block = "\n".join(line for line in script.splitlines() if line.startswith(("block=", "ray_")) and "_port=" in line
                       or line.startswith("block="))
     shown = subprocess.run(["bash", "-c", f"job=4242\n{block}\necho $ray_gcs_port $ray_node_manager_port "
-                            "$ray_min_worker_port $ray_max_worker_port"], capture_output=True, text=True, check=True)
+                            "$ray_dashboard_port"], capture_output=True, text=True, check=True)
     p = ray_ports(4242)
-    assert shown.stdout.split() == [str(p["gcs"]), str(p["node_manager"]), str(p["min_worker"]), str(p["max_worker"])]
-    a, b = set(range(ray_ports(7)["gcs"], ray_ports(7)["max_worker"] + 1)), set(range(ray_ports(8)["gcs"],
-                                                                                      ray_ports(8)["max_worker"] + 1))
-    assert not a & b
+    assert shown.stdout.split() == [str(p["gcs"]), str(p["node_manager"]), str(p["dashboard"])]
+    assert "--min-worker-port=0 --max-worker-port=0" in script          # workers: OS-assigned ports
+    assert '--dashboard-port="$ray_dashboard_port"' in script            # not everyone's default 8265
+    assert not set(ray_ports(7).values()) & set(ray_ports(8).values())
+    assert all(20000 <= port < 60000 for job in (1, 3999, 4000, 10**6) for port in ray_ports(job).values())
     assert ray_temp_dir(99, uid=1000) == "/tmp/ray-1000-99"
 
 
