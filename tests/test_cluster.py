@@ -239,14 +239,15 @@ def test_dry_run_of_slurm_ray_renders_a_private_ray_cluster(tmp_path, monkeypatc
     assert ray_temp_dir(99, uid=1000) == "/tmp/ray-1000-99"
 
 
-def test_missing_profile_is_explained(capsys):
+def test_missing_profile_is_explained(tmp_path, capsys):
     spec = load_sweep("ablation_gan")
     with pytest.raises(ProfileError, match="--profile is required"):
         submit_sweep(spec, spec.trials("smoke")[:1], _args(profile=None), out=io.StringIO())
     from sweeps.launch import main as launch
 
     with pytest.raises(SystemExit) as refused:   # through the launcher: `error: ...`, exit status 2
-        launch(["ablation_gan", "--backend", "slurm", "--profile", "v1000", "--dry-run"])
+        launch(["ablation_gan", "--backend", "slurm", "--profile", "v1000", "--dry-run", "--root", str(tmp_path),
+                "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"])
     assert refused.value.code == 2 and "unknown profile 'v1000'" in capsys.readouterr().err
 
 
