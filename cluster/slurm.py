@@ -582,6 +582,10 @@ def submit_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=None
     note = _weights_note([t.config for t in prepared] + ([teacher.trials[0].config] if teacher else []), profile)
     if note:
         print(note, file=out)
+    if all(plan.layout.gpus == 0 for plan in plans):
+        budget = getattr(prepared[0], "budget", None)
+        print(f"# note: these trials ask for no GPU{f' (budget {budget})' if budget else ''} and run as CPU tasks on "
+              f"{profile.name} nodes; the GPU setting is usually another budget (e.g. --budget paper)", file=out)
     busy = active_jobs_for(sweep_root, [t.config.runtime.out_dir for t in prepared])
     if busy:
         listing = ", ".join(f"job {j} ({Path(d).name})" for d, j in busy.items())

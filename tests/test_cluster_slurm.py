@@ -126,8 +126,8 @@ class _RunningPeak(threading.Thread):
 def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit(slurm_cluster, tmp_path, capsys):
     sweep = _sweep_file(tmp_path, "slurm_smoke", lrs="[0.001, 0.002, 0.003]")   # 3 trials, at most 2 at once
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stdout = _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root),
-                     "--tracking-uri", uri, "--max-concurrent", "2")
+    stdout = _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm", "--profile", "local",
+                     "--root", str(root), "--tracking-uri", uri, "--max-concurrent", "2")
     record = _jobs_record(root)
     (array_id,) = record["array_job_ids"]
     peak = _RunningPeak(array_id)
@@ -136,8 +136,8 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
     assert [j["job_id"] for j in record["jobs"]] == [f"{array_id}_{i}" for i in range(3)]
     # Launching again while the array is queued/running would put two jobs on one out_dir: refused.
     with pytest.raises(SystemExit) as refused:
-        _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root),
-                "--tracking-uri", uri)
+        _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm", "--profile", "local",
+                "--root", str(root), "--tracking-uri", uri)
     assert refused.value.code == 2 and "still queued or running" in capsys.readouterr().err
 
     def all_done() -> bool:
@@ -175,7 +175,7 @@ def test_launch_smoke_sweep_on_slurm_finishes_every_trial_within_the_array_limit
         most = max(most, running)
     assert most <= 2
 
-    status = _launch(capsys, "status", str(sweep), "--root", str(root))
+    status = _launch(capsys, "status", str(sweep), "--budget", "smoke", "--root", str(root))
     assert status.count("COMPLETED") == 3 + 1 and "3 trials: 3 COMPLETED" in status   # rows + summary line
     assert all(f"{array_id}_{i}" in status for i in range(3)) and "30/30" in status
 
@@ -188,7 +188,8 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
     sweep = _sweep_file(tmp_path, "slurm_requeue", batch=64, hidden=32, steps=steps, log_every=log_every,
                         ckpt_every=ckpt_every, gpus=2)
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _launch(capsys, str(sweep), "--backend", "slurm", "--profile", "local", "--root", str(root), "--tracking-uri", uri)
+    _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm", "--profile", "local",
+            "--root", str(root), "--tracking-uri", uri)
     record = _jobs_record(root)
     (job,) = record["jobs"]
     job_id, out_dir = job["job_id"], Path(job["out_dir"])
@@ -243,8 +244,8 @@ def test_slurm_ray_runs_the_tune_sweep_on_a_private_ray_cluster_in_one_allocatio
 
     sweep = _sweep_file(tmp_path, "slurm_ray_smoke", lrs="[0.001, 0.002]")
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stdout = _launch(capsys, str(sweep), "--backend", "slurm-ray", "--profile", "local", "--root", str(root),
-                     "--tracking-uri", uri, "--max-concurrent", "2")
+    stdout = _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm-ray", "--profile", "local",
+                     "--root", str(root), "--tracking-uri", uri, "--max-concurrent", "2")
     record = _jobs_record(root)
     job_id = record["ray_job_id"]
     assert f"submitted Ray allocation {job_id} for 2 trial(s)" in stdout
@@ -263,5 +264,5 @@ def test_slurm_ray_runs_the_tune_sweep_on_a_private_ray_cluster_in_one_allocatio
     assert all(r.data.tags["ctmlab.slurm_job_id"] == job_id and r.data.tags.get("ctmlab.ray_trial_id") for r in trials)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert parent.info.status == "FINISHED" and parent.data.tags["ctmlab.backend"] == "slurm-ray"
-    status = _launch(capsys, "status", str(sweep), "--root", str(root))
+    status = _launch(capsys, "status", str(sweep), "--budget", "smoke", "--root", str(root))
     assert "2 trials: 2 COMPLETED" in status
