@@ -367,3 +367,27 @@ def test_g_and_G_match_the_formulas(process):
     g = c_skip[:, None] * x + c_out[:, None] * (1 + s_embed.log()[:, None] / 4)
     assert torch.allclose(model.denoise(x, t, s), g)
     assert torch.allclose(model.jump(x, t, s), (s / t)[:, None] * x + (1 - s / t)[:, None] * g)
+
+
+def test_gan_losses_update_only_their_own_side(process, mixture):
+    from ctm_core import discriminator_loss, generator_adversarial_loss
+    from ctm_core.discriminators import VectorDiscriminator
+
+    grid = karras_grid(18, process, torch.float32)
+    student = make_tiny_model(process)
+    target = EMABank(student, [0.999])[0.999]
+    disc = VectorDiscriminator(2, hidden=16, depth=2)
+    gen = torch.Generator().manual_seed(14)
+    x0, noise = mixture.sample(16, gen), torch.randn(16, 2, generator=gen)
+    times, _ = sample_ctm_times(16, 18, 17, gen)
+    _, x_est = ctm_loss(student, target, _exact_solver(mixture, grid), x0, noise, times, grid)
+
+    generator_adversarial_loss(disc, x_est).backward(retain_graph=True)
+    assert all(p.grad is None for p in disc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.requires_grad for p in disc.parameters())  # the freeze is undone after the call
+
+    student.zero_grad(set_to_none=True)
+    discriminator_loss(disc, x0, x_est).backward()
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.grad is not None for p in disc.parameters())
