@@ -6,7 +6,8 @@ Runs `python sweeps/launch.py NAME` (smoke budget, embedded default: local Ray, 
 MLflow store and sweep root in a temp dir) and prints:
 
   wall time                 command start -> launcher exit (measured here)
-  teacher compute           the teacher's training (the launcher times it)
+  teacher compute           the teacher's training (its own process, from start to its last checkpoint;
+                            Ray and the first trial actors start meanwhile)
   sum of trial compute      sum over trials of the MLflow child run's duration, i.e. the trainer
                             from its first step to its end (evals, checkpoints and logging included)
   overhead                  (wall - teacher - sum of trial compute / K) / wall, K = trials at once;
@@ -35,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default="ablation_gan")
-    parser.add_argument("--max-concurrent", type=int, default=1)
+    parser.add_argument("--max-concurrent", type=int, default=1,
+                        help="trials at once (1: overhead is exactly (wall - compute) / wall)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (store and runs)")
     args = parser.parse_args(argv)
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     timings = state["timings"]
     teacher = timings.get("teacher_end", 0) - timings.get("teacher_start", 0)
     teacher_trained = teacher > 2.0
-    first_step = (timings["teacher_start"] - t0) if teacher_trained else first_trial
+    teacher_dirs = list((work / "runs" / args.name / "teachers").glob("*/config.yaml"))  # written at its step 0
+    first_step = min(p.stat().st_mtime for p in teacher_dirs) - t0 if teacher_trained and teacher_dirs else first_trial
     slots = max(1, min(args.max_concurrent, len(trials)))
     busy = teacher + compute / slots
     overhead = (wall - busy) / wall
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
         ("overhead", f"{100 * overhead:.1f} % ({wall - busy:.1f} s)"),
         ("command -> first training step", f"{first_step:.1f} s"),
         ("command -> first trial step", f"{first_trial:.1f} s"),
-        ("Ray start (ray.init)", f"{timings['ray_ready'] - timings['teacher_end']:.1f} s"),
+        ("command -> Ray ready (the teacher trains meanwhile)", f"{timings['ray_ready'] - t0:.1f} s"),
         ("load average (1 min) at the end", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -326,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dry run: nothing started")
         return 0
 
-    # 2. The store, de-duplication and the parent run.
+    # 2. The teacher starts training now, in its own process (it is cancelled below if de-duplication
+    #    leaves nothing to run), then the store, de-duplication and the parent run.
+    teacher_job = None
+    teacher_start = time.time()
+    if backend not in _cluster_backends():
+        from sweeps.trial import TeacherJob
+
+        teacher_job = TeacherJob(plan).start()
     experiment_id = tracking.ensure_experiment(uri, experiment)
     if args.resume:
         skipped = {}
@@ -386,27 +393,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"launch {launch_id}: {len(to_run)} trial(s) to run, {len(skipped)} skipped; "
               f"MLflow parent run {parent} in {uri} (experiment {experiment!r})")
     timings = dict(state.get("timings", {}))
-    timings.update({"command": T_COMMAND})
+    timings.update({"command": T_COMMAND, "teacher_start": teacher_start})
+    if not to_run and teacher_job is not None:
+        teacher_job.cancel()
 
     ok = True
     try:
         if to_run:
-            # 3. The teacher (once per sweep root, cached by its config hash), then the trials on Ray.
-            from sweeps.trial import ensure_teacher
-
-            timings["teacher_start"] = time.time()
-            teacher = ensure_teacher(plan)
-            timings["teacher_end"] = time.time()
-            if teacher and teacher.get("trained"):
-                tracking.log_metrics(uri, parent, 0, {f"teacher/{k}": v for k, v in teacher["metrics"].items()
-                                                      if isinstance(v, (int, float)) and k != "step"})
-                tracking.log_metrics(uri, parent, 0, {"sweep/teacher_seconds":
-                                                      timings["teacher_end"] - timings["teacher_start"]})
-            if teacher:
-                tracking.log_params_and_tags(uri, parent, {}, {"ctmlab.teacher_checkpoint": teacher["checkpoint"],
-                                                               "ctmlab.teacher_hash": str(teacher["hash"])})
+            # 3. The teacher (once per sweep root, cached by its config hash) trains in a thread while
+            #    Ray and the first trial actors start; the trials wait for it (sweeps.trial.wait_for_teacher).
             from sweeps import ray_backend
 
+            if teacher_job.cached and plan.teacher_config is not None:
+                print(f"teacher: cached {plan.teacher_checkpoint} (hash {plan.teacher_hash})")
             env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
                    "PYTHONWARNINGS": "ignore::DeprecationWarning"}
             address = backend if backend.startswith("ray://") else None
@@ -417,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
                                            args.force, max(1, int(plan.resources.cpus)), env)
             try:
+                if teacher_job.failed:  # no trial starts on a teacher that already failed
+                    raise RuntimeError("the teacher failed")
                 results = ray_backend.run_tune(ctx, to_run, plan.root / "tune", state["tune_name"], args.resume,
                                                args.max_concurrent or plan.max_concurrent)
             except Exception as err:  # noqa: BLE001 -- report, close the parent run, print what finished
@@ -426,6 +427,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if r.error is not None:
                         print(f"trial failed: {r.config} -> {type(r.error).__name__}: "
                               f"{str(r.error).strip().splitlines()[-1][:300]}")
+            t_shutdown = time.time()
+            import ray
+
+            ray.shutdown()
+            timings["ray_shutdown_s"] = time.time() - t_shutdown
+            try:
+                teacher = teacher_job.join()
+            except Exception as err:  # noqa: BLE001
+                print(f"error: teacher {plan.teacher_checkpoint}: {type(err).__name__}: {err}", file=sys.stderr)
+                teacher = None
+            timings["teacher_end"] = teacher_job.finished_at
+            if teacher and teacher.get("trained"):
+                tracking.log_metrics(uri, parent, 0, {f"teacher/{k}": v for k, v in teacher["metrics"].items()
+                                                      if isinstance(v, (int, float)) and k != "step"})
+                tracking.log_metrics(uri, parent, 0, {"sweep/teacher_seconds":
+                                                      timings["teacher_end"] - timings["teacher_start"]})
+            if teacher:
+                tracking.log_params_and_tags(uri, parent, {}, {"ctmlab.teacher_checkpoint": teacher["checkpoint"],
+                                                               "ctmlab.teacher_hash": str(teacher["hash"])})
     finally:
         timings["end"] = time.time()
         state["timings"] = timings

@@ -28,7 +28,7 @@ from typing import Any
 from ctm_core.train import Callback, RunInfo, TrainResult
 
 from .spec import SweepPlan, Trial
-from .trial import run_trial
+from .trial import run_trial, wait_for_teacher
 
 REPORT_EVERY_S = 30.0
 POINTER_FILE = "trainer_checkpoint.json"
@@ -203,6 +203,7 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         tune.report({**done.data.metrics, "step": trial.config.train.steps, "mlflow_run_id": done.info.run_id,
                      "config_hash": trial.config_hash, "skipped": 1})
         return
+    wait_for_teacher(ctx.plan)  # the launcher may still be training it (trial start-up overlaps it)
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -97,3 +99,89 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
     final = out_dir / "final_metrics.json"
     metrics = json.loads(final.read_text()) if final.is_file() else {}
     return {"checkpoint": str(out_dir), "hash": plan.teacher_hash, "trained": trained, "metrics": metrics}
+
+
+def _failure_marker(plan: SweepPlan) -> Path | None:
+    cfg = plan.teacher_config
+    if cfg is None:
+        return None
+    out_dir = Path(cfg.runtime.out_dir)
+    return out_dir.parent / f".{out_dir.name}.failed"
+
+
+def wait_for_teacher(plan: SweepPlan, poll_s: float = 0.2) -> None:
+    """Block until the sweep's teacher is trained (trials may start while it trains); raise if it failed."""
+    marker = _failure_marker(plan)
+    while not teacher_is_trained(plan):
+        if marker is not None and marker.exists():
+            raise RuntimeError(f"the sweep's teacher failed to train: {marker.read_text()[-2000:]}")
+        time.sleep(poll_s)
+
+
+def _teacher_process(plan: SweepPlan) -> None:
+    """Entry point of the teacher's own process (a spawned interpreter: its own GIL and threads)."""
+    try:
+        ensure_teacher(plan)
+    except BaseException as err:
+        marker = _failure_marker(plan)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{type(err).__name__}: {err}")
+        raise
+
+
+class TeacherJob:
+    """Train the sweep's teacher in a separate process, so that Ray and the first trial actors start
+    meanwhile (a thread would share the launcher's GIL with Tune's driver and slow the teacher down).
+
+    Trials call wait_for_teacher() before training; a failure leaves a marker file they see.
+    """
+
+    def __init__(self, plan: SweepPlan, log=print):
+        self.plan, self.log = plan, log
+        self.cached = teacher_is_trained(plan)
+        self.finished_at: float | None = None
+        self._process = None
+
+    def start(self) -> "TeacherJob":
+        marker = _failure_marker(self.plan)
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        if self.plan.teacher_config is not None and not self.cached:
+            import multiprocessing
+
+            self._process = multiprocessing.get_context("spawn").Process(
+                target=_teacher_process, args=(self.plan,), name="ctm-teacher", daemon=True)
+            self._process.start()
+        else:
+            self.finished_at = time.time()
+        return self
+
+    def cancel(self) -> None:
+        """Stop a teacher nobody needs any more (its checkpoints stay; a later launch resumes it)."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._process = None
+
+    @property
+    def failed(self) -> bool:
+        marker = _failure_marker(self.plan)
+        return (marker is not None and marker.exists()) or \
+            (self._process is not None and self._process.exitcode not in (None, 0))
+
+    def join(self) -> dict[str, Any] | None:
+        """Wait for the teacher; {"checkpoint", "hash", "trained", "metrics"} or None; raises if it failed."""
+        if self._process is not None:
+            self._process.join()
+            found = ckpt.list_checkpoints(self.plan.teacher_config.runtime.out_dir)
+            self.finished_at = found[-1][1].stat().st_mtime if found else time.time()  # not when we asked
+            if self._process.exitcode != 0:
+                marker = _failure_marker(self.plan)
+                why = marker.read_text() if marker.exists() else f"exit code {self._process.exitcode}"
+                if not marker.exists():
+                    marker.write_text(why)
+                raise RuntimeError(f"training the teacher {self.plan.teacher_checkpoint} failed: {why}")
+        result = ensure_teacher(self.plan, log=lambda *_: None)  # cached now: reads its final metrics
+        if result is not None:
+            result["trained"] = self._process is not None
+        return result
