@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow store (default $MLFLOW_TRACKING_URI, the sweep file, else sqlite:///mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default ctm-lab)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--num-gpus", type=int, default=None, help="GPUs of the local Ray instance (default: all)")
     try:
         from cluster.cli import add_cluster_arguments
     except ImportError:
@@ -407,9 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if teacher_job.cached and plan.teacher_config is not None:
                 print(f"teacher: cached {plan.teacher_checkpoint} (hash {plan.teacher_hash})")
             env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+                   "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
                    "PYTHONWARNINGS": "ignore::DeprecationWarning"}
             address = backend if backend.startswith("ray://") else None
-            ray_backend.start_ray(address, plan.root, args.num_cpus, None, env)
+            ray_backend.start_ray(address, plan.root, args.num_cpus, args.num_gpus, env)
             timings["ray_ready"] = time.time()
             state["timings"] = timings
             _write_state(plan, state)

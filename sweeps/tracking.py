@@ -323,6 +323,7 @@ class MlflowTrialCallback(Callback):
 
     def on_start(self, run: RunInfo) -> None:
         experiment_id = ensure_experiment(self.uri, self.experiment)
+        self.extra_tags[f"{TAG}world_size"] = str(run.world_size)
         self.resumed = self._reopen(experiment_id)
         if self.resumed:
             return
