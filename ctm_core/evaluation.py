@@ -6,6 +6,7 @@ eval/{metric}/teacher_nfe{n}. Lower is better for every metric here.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -92,6 +93,13 @@ class Evaluator:
         cfg = self.config.eval
         scores: dict[str, float] = {}
         shown: dict[str, Tensor] = {}
+        with _eval_mode(student, teacher):  # no dropout while sampling
+            self._evaluate_into(scores, shown, student, teacher)
+        return scores, shown
+
+    def _evaluate_into(self, scores: dict[str, float], shown: dict[str, Tensor], student: CTMModel | None,
+                       teacher: CTMModel | None) -> None:
+        cfg = self.config.eval
         if teacher is not None and cfg.teacher_steps:
             nfe = heun_nfe(cfg.teacher_steps)
             if self._teacher_scores is None or student is None:
@@ -108,7 +116,20 @@ class Evaluator:
                     scores.update({metric_key(k, nfe, gamma): v for k, v in self._scorer(samples).items()})
                     if gamma == 0:
                         shown[f"nfe{nfe}"] = samples
-        return scores, shown
+
+
+@contextmanager
+def _eval_mode(*models: torch.nn.Module | None):
+    """Put networks in eval mode for a block and restore their previous modes after it."""
+    models = [m for m in models if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def save_sample_figure(samples: dict[str, Tensor], reference: Tensor, kind: str, path: Path, title: str) -> Path:

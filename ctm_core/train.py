@@ -185,7 +185,10 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
             raise ValueError(f"teacher.checkpoint was trained on data of shape {teacher_meta['data_shape']}, "
                              f"but data.spec gives {meta['data_shape']}")
         student.load_state_dict(teacher.state_dict())  # the paper initialises the student from the teacher
-    student.check_inputs = env.device.type != "cuda"  # host syncs are costly on GPU; indices are valid by construction
+    check_inputs = env.device.type != "cuda"  # host syncs are costly on GPU; indices are valid by construction
+    student.check_inputs = check_inputs
+    if teacher is not None:
+        teacher.check_inputs = check_inputs
     channels_last = kind == "image" and (config.train.channels_last == "on" or
                                          (config.train.channels_last == "auto" and env.device.type == "cuda"))
     student.to(env.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)

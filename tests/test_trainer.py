@@ -226,3 +226,19 @@ def test_other_modes_train_and_evaluate(tmp_path, teacher_dir, mode):
     records = _train_records(tmp_path / mode)
     assert records and all(np.isfinite(r["train/loss_ctm"]) for r in records)
     assert np.isfinite(result.metrics["eval/sw2/nfe1"]) and np.isfinite(result.metrics["eval/sw2/nfe2"])
+
+
+def test_evaluation_samples_without_dropout(tmp_path):
+    from ctm_core.builders import build_model
+    from ctm_core.evaluation import Evaluator
+    from ctm_core.data import load_dataset
+
+    config = _tiny(tmp_path, "eval", ["model.dropout=0.5", "eval.teacher_steps=null"])
+    reference = load_dataset(config.data.spec, "test").x
+    model = build_model(config, {"data_shape": [2], "num_classes": 0, "kind": "vector"})
+    torch.nn.init.normal_(model.backbone.last_layer_weight(), std=0.5)  # so dropout would change the output
+    model.train()
+    evaluator = Evaluator(config, reference, "vector", torch.device("cpu"))
+    first, _ = evaluator.evaluate(model, None)
+    second, _ = evaluator.evaluate(model, None)
+    assert first == second and model.training  # deterministic, and the mode is restored
