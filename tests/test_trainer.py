@@ -242,3 +242,12 @@ def test_evaluation_samples_without_dropout(tmp_path):
     first, _ = evaluator.evaluate(model, None)
     second, _ = evaluator.evaluate(model, None)
     assert first == second and model.training  # deterministic, and the mode is restored
+
+
+def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
+    extra = ["mode=edm", "train.steps=10", "train.ckpt_every=10"]
+    first = train(_tiny(tmp_path, "done", extra))
+    again = train(_tiny(tmp_path, "done", extra))
+    final = json.loads((tmp_path / "done" / "final_metrics.json").read_text())
+    assert final["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
+    assert again.step == 10 and again.metrics["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
