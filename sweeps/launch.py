@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="subcommands: status NAME (where is each trial of a sweep)")
     parser.add_argument("name", nargs="?", metavar="NAME", help="sweep name (sweeps/NAME.yaml) or a path to a sweep file")
     parser.add_argument("--list", action="store_true", help="list the sweeps with one-line descriptions")
-    parser.add_argument("--budget", default="smoke", help="smoke (toy, CPU, minutes) or paper (CIFAR-10, cluster)")
+    parser.add_argument("--budget", default=None,
+                        help="smoke (toy, CPU, minutes) or paper (CIFAR-10, cluster); default: paper for the "
+                             "SLURM backends, smoke otherwise")
     parser.add_argument("--dry-run", action="store_true", help="print the trial table; start nothing")
     parser.add_argument("--resume", action="store_true", help="continue the last interrupted launch of this budget")
     parser.add_argument("--force", action="store_true", help="run trials even if their config already FINISHED")
@@ -280,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --backend {backend!r}: expected local, ray://ADDR, {' or '.join(_cluster_backends())}",
               file=sys.stderr)
         return 2
+    if args.budget is None:  # a cluster launch means the paper setting unless told otherwise
+        args.budget = "paper" if backend in _cluster_backends() else "smoke"
     _, trainer_overrides = _split_overrides(args.overrides)
 
     # 1. Everything is validated here, before any store, teacher or Ray is touched.
