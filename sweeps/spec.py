@@ -946,11 +946,7 @@ def parse_sweep(raw: Any, path: Path | None = None, name: str | None = None) -> 
     where = f"sweep {name!r}"
     if not isinstance(raw, dict):
         raise SweepError(f"{where}: the file must hold a mapping with description, base, axes, ... ")
-    for key in raw:
-        if key not in TOP_KEYS:
-            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SweepError(f"{where}: {key}: unknown key{hint}; allowed keys: {', '.join(TOP_KEYS)}")
+    _check_keys(raw, TOP_KEYS, where)
     if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
         raise SweepError(f"{where}: name must be letters, digits, '_', '-' or '.', got {name!r}")
     description = _expect(raw.get("description", ""), (str,), f"{where}: description", "a string")
