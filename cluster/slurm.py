@@ -488,6 +488,15 @@ class Submission:
         return [job["job_id"] for job in self.jobs]
 
 
+def submission_inputs(spec: Any, trials: Sequence[Any], args: Any) -> tuple[Any, list[str], str]:
+    """(profile, the user's non-cluster --set items, sweep name): what every SLURM backend starts from."""
+    if not trials:
+        raise SubmitError("the sweep produced no trials")
+    profile = profile_from_args(args)
+    _, user_overrides = split_overrides(_arg(args, "overrides", []))
+    return profile, user_overrides, str(getattr(spec, "name", None) or getattr(trials[0], "sweep"))
+
+
 def _arg(args: Any, name: str, default: Any = None) -> Any:
     value = getattr(args, name, default) if args is not None else default
     return default if value is None else value
@@ -563,11 +572,7 @@ def submit_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=None
     parent_run_id, budget.
     """
     out = out or sys.stdout
-    if not trials:
-        raise SubmitError("the sweep produced no trials")
-    profile = profile_from_args(args)
-    _, user_overrides = split_overrides(_arg(args, "overrides", []))
-    sweep = str(getattr(spec, "name", None) or getattr(trials[0], "sweep"))
+    profile, user_overrides, sweep = submission_inputs(spec, trials, args)
     sweep_root = sweep_root_of(spec, trials, sweep).absolute()
     folder = sweep_root / SUBMITIT_DIR
     parallelism = int(_arg(args, "max_concurrent", profile.array_parallelism))

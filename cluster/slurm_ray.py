@@ -33,10 +33,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .profiles import ClusterProfile, split_overrides
+from .profiles import ClusterProfile
 from .slurm import (SubmitError, Submission, _arg, _create_parent_run, _resources, _weights_note, _write_jobs_file,
-                    batch_plan, finalize_parent_run, job_layout, job_setup_lines, prepare_trial, profile_from_args,
-                    resolve_tracking)
+                    batch_plan, finalize_parent_run, job_layout, job_setup_lines, prepare_trial, resolve_tracking,
+                    submission_inputs)
 from .status import sweep_root_of
 
 RAY_DIR = "slurm-ray"
@@ -175,11 +175,7 @@ def submit_ray_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=
     import cloudpickle
 
     out = out or sys.stdout
-    if not trials:
-        raise SubmitError("the sweep produced no trials")
-    profile = profile_from_args(args)
-    _, user_overrides = split_overrides(_arg(args, "overrides", []))
-    sweep = str(getattr(spec, "name", None) or getattr(trials[0], "sweep"))
+    profile, user_overrides, sweep = submission_inputs(spec, trials, args)
     prepared = [prepare_trial(t, profile, user_overrides, max(1, int(_resources(t)[0]))) for t in trials]
     sweep_root = sweep_root_of(spec, prepared, sweep).absolute()
     concurrency = int(_arg(args, "max_concurrent", 0) or getattr(args, "plan_max_concurrent", 0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,7 +91,6 @@ class Evaluator:
     def evaluate(self, student: CTMModel | None, teacher: CTMModel | None) -> tuple[dict[str, float], dict[str, Tensor]]:
         """Metrics and the samples they were computed from (for pictures). The teacher's scores are
         computed once (it does not change during distillation)."""
-        cfg = self.config.eval
         scores: dict[str, float] = {}
         shown: dict[str, Tensor] = {}
         with _eval_mode(student, teacher):  # no dropout while sampling
@@ -159,7 +159,7 @@ def save_sample_figure(samples: dict[str, Tensor], reference: Tensor, kind: str,
     return path
 
 
-def _image_grid(images: Tensor) -> "numpy.ndarray":  # noqa: F821
+def _image_grid(images: Tensor) -> "np.ndarray":
     n, c, h, w = images.shape
     cols = int(n ** 0.5 + 0.999)
     rows = (n + cols - 1) // cols

@@ -8,7 +8,6 @@ diffusion teacher. The scalings depend on t only, as in the official code.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .process import VEProcess, broadcast_time, check_jump_times, check_time_range

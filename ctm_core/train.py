@@ -270,7 +270,6 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     local_batch = stream.local_batch_size
 
     def evaluate_and_report(step: int) -> dict[str, float]:
-        nonlocal best
         if not env.is_main:
             return {}
         student_for_eval = ema[config.ema.eval_rate] if config.mode != "edm" else None

@@ -19,7 +19,6 @@ import os
 import queue
 import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
