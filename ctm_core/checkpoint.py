@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,22 @@ BEST_NAME = "best.pt"
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over the target."""
+    """torch.save to a temp file in the same folder, fsync, then rename over the target.
+
+    Readers see the old file or the new one, never a partial one; a failed write leaves no temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -71,16 +78,6 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest keep_last step checkpoints (best.pt is separate and kept)."""
     for _, path in list_checkpoints(directory)[:-keep_last]:
         path.unlink(missing_ok=True)
-
-
-def mark_best(path: str | os.PathLike) -> Path:
-    """Copy a checkpoint to best.pt atomically."""
-    path = Path(path)
-    best = path.with_name(BEST_NAME)
-    tmp = best.with_name(f".{BEST_NAME}.tmp-{os.getpid()}")
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, best)
-    return best
 
 
 def ema_prefix(rates: list[float] | tuple[float, ...], rate: float) -> str:

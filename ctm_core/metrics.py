@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctm_core.checkpoint import atomic_save
 from ctm_core.pretrained import MissingWeightsError, require_file, require_weights, resolve_cache_dir
 
 
@@ -260,18 +261,6 @@ def _train_digits_classifier(seed: int = 0, epochs: int = 15, batch_size: int = 
     return model
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def digits_classifier(cache_dir: str | os.PathLike | None = None, retrain: bool = False) -> DigitsClassifier:
     """The digits feature network in eval mode: loaded from the cache, or trained (seed 0) and saved.
 
@@ -290,7 +279,7 @@ def digits_classifier(cache_dir: str | os.PathLike | None = None, retrain: bool 
         except (RuntimeError, KeyError, AttributeError, EOFError, ValueError):
             pass  # unreadable or stale: train anew and replace it
     model = _train_digits_classifier()
-    _atomic_torch_save({"format": _DIGITS_FORMAT[0], "version": _DIGITS_FORMAT[1], "seed": 0,
+    atomic_save({"format": _DIGITS_FORMAT[0], "version": _DIGITS_FORMAT[1], "seed": 0,
                         "state_dict": model.state_dict(), "test_accuracy": model.test_accuracy}, path)
     return model
 
