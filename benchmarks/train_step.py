@@ -70,7 +70,7 @@ from torch import nn  # noqa: E402
 from ctm_core.builders import build_model, build_optimizer  # noqa: E402
 from ctm_core.config import TrainConfig, load_config  # noqa: E402
 from ctm_core.ema import EMABank  # noqa: E402
-from ctm_core.losses import (GridTimes, adaptive_weight, ctm_loss, dsm_loss, generator_adversarial_loss,  # noqa: E402
+from ctm_core.losses import (GridTimes, adaptive_weight, ctm_loss, dsm_loss, generator_adversarial_loss, last_layer_grad_norm,  # noqa: E402
                              make_distance)
 from ctm_core.networks.unet import UNetBlock  # noqa: E402
 from ctm_core.objective import DiscriminatorObjective, GeneratorObjective, MicroBatch  # noqa: E402
@@ -647,8 +647,8 @@ def component_fns(setup: Setup, batch: int, k: int) -> dict[str, Callable[[], An
         setup.optimizer.step()
         setup.ema.update(setup.student)
 
-    # the adaptive weights re-run the backward of L_CTM (through LPIPS and the target) to the
-    # last layer, once for the DSM weight and once for the GAN weight
+    # the adaptive weights run the backward of L_CTM (through LPIPS and the target) to the last
+    # layer once, shared by the DSM and GAN weights, plus one backward per balanced term
     with amp():  # the forward graph the adaptive weights differentiate (built once, kept)
         x_e = setup.target.jump(setup.student.jump(x_t, t, s), s, end)
         l_ctm = setup.g_objective.distance(x_e, x_other).mean()
@@ -658,8 +658,9 @@ def component_fns(setup: Setup, batch: int, k: int) -> dict[str, Callable[[], An
 
     def adaptive_weights():
         last = setup.student.backbone.last_layer_weight()
-        adaptive_weight(l_ctm, l_dsm, last)
-        adaptive_weight(l_ctm, l_gan, last)
+        ctm_norm = last_layer_grad_norm(l_ctm, last)
+        adaptive_weight(ctm_norm, l_dsm, last)
+        adaptive_weight(ctm_norm, l_gan, last)
 
     return {"host_draw": host_draw, "teacher_solver": teacher_solver, "student_fwd_bwd": student_fwd_bwd,
             "target_fwd_bwd_input": target_fwd_bwd_input, "target_branch_no_grad": target_branch_no_grad,

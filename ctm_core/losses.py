@@ -193,15 +193,20 @@ def gan_discriminator_loss(real_logits: Sequence[Tensor], fake_logits: Sequence[
 # ----------------------------------------------------------------------------------------------
 # Weighting
 
-def adaptive_weight(reference_loss: Tensor, loss: Tensor, last_layer: Tensor,
+def last_layer_grad_norm(loss: Tensor, last_layer: Tensor) -> Tensor:
+    """||d loss / d W|| at the last layer W (the graph is kept for the real backward pass)."""
+    grad, = torch.autograd.grad(loss, last_layer, retain_graph=True)
+    return grad.norm()
+
+
+def adaptive_weight(reference_norm: Tensor, loss: Tensor, last_layer: Tensor,
                     min_value: float = 0.0, max_value: float = 1e4, eps: float = 1e-4) -> Tensor:
-    """||d reference / d W|| / (||d loss / d W|| + eps) at the last layer W, clamped and detached.
+    """reference_norm / (||d loss / d W|| + eps) at the last layer W, clamped and detached.
 
     Balances a term against the CTM loss without tuning its scale (VQGAN; the official code).
+    reference_norm = last_layer_grad_norm(L_CTM, W), computed once per step for every balanced term.
     """
-    g_ref, = torch.autograd.grad(reference_loss, last_layer, retain_graph=True)
-    g_term, = torch.autograd.grad(loss, last_layer, retain_graph=True)
-    return (g_ref.norm() / (g_term.norm() + eps)).clamp(min_value, max_value).detach()
+    return (reference_norm / (last_layer_grad_norm(loss, last_layer) + eps)).clamp(min_value, max_value).detach()
 
 
 def discriminator_loss(discriminator: Callable[[Tensor], Sequence[Tensor]], real: Tensor, fake: Tensor) -> Tensor:

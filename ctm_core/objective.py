@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .config import TrainConfig
 from .losses import (Distance, GridTimes, adaptive_weight, ctm_loss, discriminator_loss, dsm_loss,
-                     generator_adversarial_loss)
+                     generator_adversarial_loss, last_layer_grad_norm)
 from .parameterization import CTMModel
 from .solvers import solve_on_grid
 
@@ -83,15 +83,18 @@ class GeneratorObjective(nn.Module):
         total = weights.ctm * l_ctm
         logs["loss_ctm"] = l_ctm.detach()
         last = student.backbone.last_layer_weight()
+        ctm_norm = None  # ||grad L_CTM|| at the last layer: one backward pass shared by both adaptive weights
+        if (weights.dsm > 0 and weights.dsm_adaptive) or (weights.gan > 0 and weights.gan_adaptive):
+            ctm_norm = last_layer_grad_norm(l_ctm, last)
         if weights.dsm > 0:
             l_dsm = dsm_loss(denoiser, batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
                              student.process.sigma_data).mean()
-            w = adaptive_weight(l_ctm, l_dsm, last, *weights.dsm_clamp) if weights.dsm_adaptive else 1.0
+            w = adaptive_weight(ctm_norm, l_dsm, last, *weights.dsm_clamp) if weights.dsm_adaptive else 1.0
             total = total + weights.dsm * w * l_dsm
             logs["loss_dsm"], logs["weight_dsm"] = l_dsm.detach(), torch.as_tensor(weights.dsm * w).detach()
         if weights.gan > 0:
             l_gan = generator_adversarial_loss(self._frozen["discriminator"], x_est)
-            w = adaptive_weight(l_ctm, l_gan, last, *weights.gan_clamp) if weights.gan_adaptive else 1.0
+            w = adaptive_weight(ctm_norm, l_gan, last, *weights.gan_clamp) if weights.gan_adaptive else 1.0
             total = total + weights.gan * w * l_gan
             logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w).detach()
         # the caller scales by microbatch / local batch, so this returns a batch-summed loss

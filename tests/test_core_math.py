@@ -391,3 +391,14 @@ def test_gan_losses_update_only_their_own_side(process, mixture):
     discriminator_loss(disc, x0, x_est).backward()
     assert all(p.grad is None for p in student.parameters())
     assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_adaptive_weight_is_the_clamped_ratio_of_last_layer_gradient_norms():
+    from ctm_core import adaptive_weight, last_layer_grad_norm
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    reference, term = (3 * w).sum(), (w ** 2).sum()  # grads (3, 3) and (2, 4)
+    ref_norm = last_layer_grad_norm(reference, w)
+    assert ref_norm.item() == pytest.approx(18 ** 0.5)
+    assert adaptive_weight(ref_norm, term, w, eps=0.0).item() == pytest.approx((18 / 20) ** 0.5)
+    assert adaptive_weight(ref_norm, term, w, min_value=0.01, max_value=0.5, eps=0.0).item() == pytest.approx(0.5)
+    assert not adaptive_weight(ref_norm, term, w).requires_grad
