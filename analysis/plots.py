@@ -220,6 +220,15 @@ def latest_sample(client, run_id: str, artifact_dir: str = "samples") -> str | N
     return max(found, key=_natural_key) if found else None
 
 
+TILE_HEIGHT = 2.3  # inches per montage row, plus room for the caption
+
+
+def _artifact_run(run: pd.Series) -> str:
+    """Whose artifacts a row shows: a reused-run copy holds metrics only, its original the PNGs."""
+    origin = run.get("tag.ctmlab.reused_from")
+    return origin if isinstance(origin, str) and origin else run["run_id"]
+
+
 def plot_sample_grid(
     df: pd.DataFrame,
     rows: str | Sequence[str] = "axis",
@@ -237,10 +246,11 @@ def plot_sample_grid(
     tiles: dict[tuple, dict[Hashable, tuple[str, np.ndarray]]] = {}
     with tempfile.TemporaryDirectory(prefix="ctmlab-samples-") as tmp:
         for position, (index, run) in enumerate(df.iterrows()):
-            path = latest_sample(client, run["run_id"], artifact_dir)
+            source = _artifact_run(run)
+            path = latest_sample(client, source, artifact_dir)
             if path is None:
                 continue
-            local = client.download_artifacts(run["run_id"], path, dst_path=str(Path(tmp) / str(position)))
+            local = client.download_artifacts(source, path, dst_path=str(Path(tmp) / str(position)))
             slot = _hashable(run[seeds]) if use_seeds else run["run_id"]
             caption = f"seed {slot}" if use_seeds else run["run_id"][:8]
             if run["status"] != FINISHED:
@@ -252,7 +262,10 @@ def plot_sample_grid(
     # One grid column per seed (so a missing seed leaves a visible gap); run ids pack left instead.
     slots = sorted({s for t in tiles.values() for s in t}, key=lambda s: _sort_key((s,)))
     ncols = len(slots) if use_seeds else max(len(t) for t in tiles.values())
-    fig = Figure(figsize=(2.3 * ncols, 2.5 * len(order_keys)))
+    # Tiles keep the samples' aspect (toy scatter strips are wide, image grids square).
+    aspect = float(np.median([img.shape[1] / img.shape[0] for t in tiles.values() for _, img in t.values()]))
+    tile_w = TILE_HEIGHT * min(max(aspect, 0.5), 4.0)
+    fig = Figure(figsize=(tile_w * ncols, (TILE_HEIGHT + 0.45) * len(order_keys)))
     axes = fig.subplots(len(order_keys), ncols, squeeze=False)
     for r, key in enumerate(order_keys):
         placed = [tiles[key].get(s) for s in slots] if use_seeds else list(tiles[key].values())

@@ -12,6 +12,13 @@ One row per run. Column families (dotted MLflow names are kept verbatim after th
     metric.<key>   the last logged value of every metric (what ``search_runs`` returns).
     best.<key>     for ``eval/*`` keys only: the best (lowest) value over the run's history.
 
+Reused trials: when a launch finds a trial's config already FINISHED (in this or another sweep)
+it does not train it again but records a copy of that run under its own parent, tagged with the
+trial's sweep, axes and seed and ``ctmlab.reused_from`` = the original run (sweeps.tracking.
+record_reused). So ``load_runs(sweep=X)`` shows every trial of X, whichever sweep computed it; a
+copy whose original (or another copy of it) is already a row of the same sweep is dropped, so
+no trial is counted twice. ``parent_run_id`` keeps one launch's trials only.
+
 Why ``best.*`` does not read metric histories: ``get_metric_history`` is one request per
 run x key, i.e. tens of thousands of requests for a 2,000-trial study. Instead ``best.<key>``
 is read from the summary metric ``best/<key>`` when the run has one: the sweep launcher logs it
@@ -51,6 +58,8 @@ from mlflow.tracking import MlflowClient
 __all__ = ["load_runs", "list_sweeps", "parse_param_value", "typed_column", "mlflow_client"]
 
 TAG_PREFIX = "ctmlab."
+REUSED_FROM_TAG = "ctmlab.reused_from"
+SWEEP_TAG = "ctmlab.sweep"
 BEST_SUMMARY_PREFIX = "best/"
 EVAL_PREFIX = "eval/"
 PAGE_SIZE = 1000  # SQL stores accept up to 50,000 per page; 1,000 keeps each answer modest.
@@ -298,17 +307,35 @@ def _best_values(
     return columns, source
 
 
+def _drop_duplicate_copies(runs: list[RunRecord]) -> list[RunRecord]:
+    """Keep a reused-run copy only where its original is not already a row of the same sweep."""
+    present = {(r.tags.get(SWEEP_TAG), r.run_id) for r in runs if REUSED_FROM_TAG not in r.tags}
+    kept = []
+    for run in runs:
+        origin = run.tags.get(REUSED_FROM_TAG)
+        if origin is not None:
+            key = (run.tags.get(SWEEP_TAG), origin)
+            if key in present:
+                continue
+            present.add(key)
+        kept.append(run)
+    return kept
+
+
 def load_runs(
     experiment: str = "ctm-lab",
     sweep: str | None = None,
     tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
     include_parent: bool = False,
     exact_best: bool = False,
     method: str = "auto",
 ) -> pd.DataFrame:
     """One row per trial run of ``sweep`` (all sweeps when None) in ``experiment``.
 
-    Parent runs (tag ``ctmlab.role = sweep``) are left out unless ``include_parent``. Deleted
+    ``parent_run_id`` keeps the trials of that one launch. Reused trials appear once (see the
+    module docstring; ``attrs["reused"]`` counts them). Parent runs (tag ``ctmlab.role = sweep``)
+    are left out unless ``include_parent``. Deleted
     runs are never returned. Rows are ordered by start time. ``tracking_uri`` is used for this
     call only; the global MLflow tracking URI is not changed. ``method``: "auto", "search" or
     "sql" (see the module docstring). The frame's ``attrs`` record experiment, experiment_id,
@@ -329,7 +356,10 @@ def load_runs(
         runs, method = _records_from_search(client, exp.experiment_id, sweep), "search"
     if not include_parent:
         runs = [r for r in runs if r.tags.get("ctmlab.role") != "sweep"]
+    if parent_run_id is not None:
+        runs = [r for r in runs if r.tags.get("mlflow.parentRunId") == parent_run_id]
     runs.sort(key=lambda r: (r.start_time or 0, r.run_id))
+    runs = _drop_duplicate_copies(runs)
 
     columns: dict[str, pd.Series] = {
         "run_id": pd.Series([r.run_id for r in runs], dtype=STR_DTYPE),
@@ -367,5 +397,6 @@ def load_runs(
         sweep=sweep,
         method=method,
         best_source=source,
+        reused=sum(REUSED_FROM_TAG in r.tags for r in runs),
     )
     return frame

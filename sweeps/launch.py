@@ -141,9 +141,8 @@ def print_trial_table(plan: SweepPlan, trials: Sequence[Trial], skipped: dict[st
           f"est. {gpu_h + teacher_gpu:.2f} GPU-h in total", file=out)
 
 
-def print_ablation_table(name: str, uri: str, experiment: str, parent_run_id: str | None,
-                         reused: dict[str, Any], trials: Sequence[Trial], out=None) -> bool:
-    """The sweep's ablation table from this launch's runs (children of the parent run plus reused ones)."""
+def print_ablation_table(name: str, uri: str, experiment: str, parent_run_id: str | None, out=None) -> bool:
+    """The sweep's ablation table from this launch's runs (its children, reused trials included)."""
     out = out or sys.stdout
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
@@ -151,28 +150,12 @@ def print_ablation_table(name: str, uri: str, experiment: str, parent_run_id: st
     except ImportError as err:
         print(f"(no ablation table: the analysis package is missing: {err})", file=out)
         return False
-    import pandas as pd
 
     try:
-        df = load_runs(experiment, sweep=name, tracking_uri=uri)
-        by_hash = {t.config_hash: t for t in trials}
-        reused_ids = {run.info.run_id: h for h, run in reused.items()}
-        missing = set(reused_ids) - set(df["run_id"]) if not df.empty else set(reused_ids)
-        if missing:
-            everything = load_runs(experiment, sweep=None, tracking_uri=uri)
-            df = pd.concat([df, everything[everything["run_id"].isin(missing)]], ignore_index=True)
+        df = load_runs(experiment, sweep=name, tracking_uri=uri, parent_run_id=parent_run_id)
         if df.empty:
             print("(no ablation table: no trial runs)", file=out)
             return False
-        keep = (df["parent_run_id"] == parent_run_id) | df["run_id"].isin(reused_ids)
-        df = df[keep].copy()
-        for i, row in df.iterrows():  # a reused run may come from another sweep: label it as this one's trial
-            h = reused_ids.get(row["run_id"])
-            if h is not None and h in by_hash:
-                t = by_hash[h]
-                df.at[i, "tag.ctmlab.axes"] = json.dumps(t.axes)
-                df.at[i, "tag.ctmlab.variant"] = t.variant
-                df.at[i, "tag.ctmlab.seed"] = t.seed
         layout = layout_for(name)
         table = ablation_table(df, layout.rows, layout.cols, layout.metric, nfe=layout.nfe, teacher=layout.teacher,
                                title=f"{layout.title or name} [{name}]")
@@ -397,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_state(plan, state)
         print(f"launch {launch_id}: {len(to_run)} trial(s) to run, {len(skipped)} skipped; "
               f"MLflow parent run {parent} in {uri} (experiment {experiment!r})")
+    if skipped:  # the reused trials become children of this launch too (idempotent on --resume)
+        tracking.record_reused(uri, experiment_id, parent, trials, skipped)
     timings = dict(state.get("timings", {}))
     timings.update({"command": T_COMMAND, "teacher_start": teacher_start})
     if not to_run and teacher_job is not None:
@@ -458,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_state(plan, state)
 
     # 4. Close the parent run and print the table.
-    runs = tracking.children(uri, experiment_id, parent)
+    runs = [r for r in tracking.children(uri, experiment_id, parent)
+            if not (tracking.REUSED_FROM in r.data.tags and r.data.tags.get("ctmlab.config_hash") in skipped)]
     done = {r.data.tags.get("ctmlab.config_hash") for r in runs
             if r.info.status == "FINISHED" or r.data.tags.get("ctmlab.stopped_by") == "scheduler"}
     stopped = sum(r.data.tags.get("ctmlab.stopped_by") == "scheduler" for r in runs)
@@ -482,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state["status"] = "finished" if ok else "incomplete"
     _write_state(plan, state)
     print()
-    print_ablation_table(spec.name, uri, experiment, parent, skipped, trials)
+    print_ablation_table(spec.name, uri, experiment, parent)
     print(f"MLflow: parent run {parent} in {uri} (experiment {experiment!r}); "
           f"`mlflow ui --backend-store-uri {uri}` shows it")
     return 0 if ok else 1

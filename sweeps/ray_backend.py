@@ -199,6 +199,11 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     tags = {**ctx.extra_tags, "ctmlab.ray_trial_id": trial_id}
     done = _finished_run(ctx, trial)
     if done is not None:  # finished in this launch before a crash of the driver, or (a search) sampled twice
+        from .tracking import PARENT_TAG, ensure_experiment, record_reused
+
+        if ctx.parent_run_id and done.data.tags.get(PARENT_TAG) != ctx.parent_run_id:  # an earlier launch's run
+            record_reused(ctx.tracking_uri, ensure_experiment(ctx.tracking_uri, ctx.experiment), ctx.parent_run_id,
+                          [trial], {trial.config_hash: done})
         tune.report({**done.data.metrics, "step": trial.config.train.steps, "mlflow_run_id": done.info.run_id,
                      "config_hash": trial.config_hash, "skipped": 1})
         return

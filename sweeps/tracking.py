@@ -29,6 +29,7 @@ from .spec import REPO_ROOT, Trial
 DEFAULT_EXPERIMENT = "ctm-lab"
 TAG = "ctmlab."
 PARENT_TAG = "mlflow.parentRunId"
+REUSED_FROM = f"{TAG}reused_from"  # on a trial run that stands for an earlier run of the same config
 T = TypeVar("T")
 
 
@@ -238,6 +239,42 @@ def finished_runs(uri: str, experiment_id: str, hashes: Iterable[str]) -> dict[s
 
 def children(uri: str, experiment_id: str, parent_run_id: str) -> list:
     return _search(uri, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def record_reused(uri: str, experiment_id: str, parent_run_id: str, trials: Iterable[Trial],
+                  reused: dict[str, Any]) -> dict[str, str]:
+    """Give every trial answered by an earlier FINISHED run a FINISHED child run of this launch.
+
+    Why a copy rather than a pointer: the launch's parent then shows the whole sweep in the MLflow
+    UI, and ``load_runs(sweep=...)`` finds the trial under this sweep's name, axes and seed even when
+    the earlier run belonged to another sweep. The copy holds the trial's tags, the source's params
+    and full metric histories (steps and timestamps kept) and ``ctmlab.reused_from`` = the original
+    run (never a copy), by which analysis drops a copy whose original it already has. Idempotent:
+    a trial that already has its copy under this parent is left alone. Returns {config_hash: run id}.
+    """
+    from mlflow.entities import Metric
+
+    c = client(uri)
+    have = {r.data.tags.get(f"{TAG}config_hash"): r.info.run_id
+            for r in children(uri, experiment_id, parent_run_id) if REUSED_FROM in r.data.tags}
+    for trial in trials:
+        source = reused.get(trial.config_hash)
+        if source is None or trial.config_hash in have:
+            continue
+        origin = source.data.tags.get(REUSED_FROM, source.info.run_id)
+        kept = {k: v for k, v in source.data.tags.items() if k in (f"{TAG}out_dir", f"{TAG}world_size")}
+        tags = trial_tags(trial, parent_run_id, {**kept, REUSED_FROM: origin})
+        run = retry(lambda: c.create_run(experiment_id, start_time=source.info.start_time, tags=tags,
+                                         run_name=trial.name))
+        run_id = run.info.run_id
+        log_params_and_tags(uri, run_id, dict(source.data.params), {})
+        history = [Metric(m.key, m.value, m.timestamp, m.step) for key in source.data.metrics
+                   for m in retry(lambda key=key: c.get_metric_history(source.info.run_id, key))]
+        for chunk in _batches(history, 1000):
+            retry(lambda: c.log_batch(run_id, metrics=chunk))
+        retry(lambda: c.set_terminated(run_id, "FINISHED", end_time=source.info.end_time))
+        have[trial.config_hash] = run_id
+    return have
 
 
 def _metric_watermarks(uri: str, run_id: str) -> dict[str, int]:

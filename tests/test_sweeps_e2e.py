@@ -176,7 +176,13 @@ def test_store_holds_the_contract_schema(killed_and_resumed):
         assert config["loss"]["lambda_gan"]["value"] == (0.0 if axes["loss.lambda_gan"] == "off" else 0.1)
 
 
+def _computed(runs: list) -> list:
+    return [r for r in runs if "ctmlab.reused_from" not in r.data.tags]
+
+
 def test_relaunch_skips_finished_configs_and_force_reruns_them(killed_and_resumed):
+    from analysis import load_runs
+
     sweep = killed_and_resumed[0]
     before = {r.info.run_id for r in sweep.runs("trial")}
     t0 = time.time()
@@ -184,17 +190,56 @@ def test_relaunch_skips_finished_configs_and_force_reruns_them(killed_and_resume
     t1 = time.time()
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("already FINISHED as MLflow run") == 2 and "0 trial(s) to run, 2 skipped" in again.stdout
-    assert {r.info.run_id for r in sweep.runs("trial")} == before  # no new trial run
+    assert {r.info.run_id for r in _computed(sweep.runs("trial"))} == before  # nothing trained again
     assert "| off" in again.stdout  # the table is built from the reused runs
     newest = max(sweep.runs("sweep"), key=lambda r: r.info.start_time)
     assert set(json.loads(newest.data.tags["ctmlab.reused_runs"]).values()) == before
+    # The relaunch shows its trials as copies under its own parent: same params and histories.
+    copies = [r for r in sweep.runs("trial") if r.data.tags["mlflow.parentRunId"] == newest.info.run_id]
+    assert len(copies) == 2 and {r.data.tags["ctmlab.reused_from"] for r in copies} == before
+    c = sweep.client()
+    for copy in copies:
+        origin = c.get_run(copy.data.tags["ctmlab.reused_from"])
+        assert copy.info.status == "FINISHED" and copy.data.params == origin.data.params
+        assert copy.data.metrics == origin.data.metrics
+        assert [(m.step, m.value) for m in c.get_metric_history(copy.info.run_id, "eval/sw2/nfe1")] == \
+            [(m.step, m.value) for m in c.get_metric_history(origin.info.run_id, "eval/sw2/nfe1")]
+    # ... and analysis counts every trial once: the copies stand in only for this launch's view.
+    assert sorted(load_runs(sweep="e2e", tracking_uri=sweep.uri)["run_id"]) == sorted(before)
+    launch = load_runs(sweep="e2e", tracking_uri=sweep.uri, parent_run_id=newest.info.run_id)
+    assert len(launch) == 2 and launch.attrs["reused"] == 2
 
     forced = sweep.run("--force", "--max-concurrent", "2")
     print(f"[timing] relaunch (all skipped) {t1 - t0:.1f} s, --force {time.time() - t1:.1f} s")
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
-    trials = sweep.runs("trial")
+    trials = _computed(sweep.runs("trial"))
     assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
     newest = max(sweep.runs("sweep"), key=lambda r: r.info.start_time)
     fresh = [r for r in trials if r.data.tags["mlflow.parentRunId"] == newest.info.run_id]
     assert len(fresh) == 2 and not ({r.info.run_id for r in fresh} & before)
     assert len(list((sweep.root / "trials").glob("*.old-*"))) == 2  # the earlier out dirs were kept, aside
+
+
+def test_another_sweep_reusing_a_trial_lists_it_under_its_own_name(killed_and_resumed, tmp_path):
+    """A sweep whose trial was computed by another sweep: load_runs(sweep=...), the table and the
+    sample montage all see it under the new sweep's name, with the original's numbers and PNGs."""
+    from analysis import load_runs, plot_sample_grid
+
+    sweep = killed_and_resumed[0]
+    other = sweep.base / "e2e_other.yaml"
+    other.write_text(yaml.safe_dump({**SWEEP, "axes": {"loss.lambda_gan": ["0.1@20"]}}))
+    result = subprocess.run([sys.executable, str(LAUNCH), str(other), "--root", str(sweep.root)], cwd=sweep.base,
+                            env=sweep.env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 trial(s) to run, 1 skipped" in result.stdout and "(sweep e2e)" in result.stdout
+    assert "| 0.1@20" in result.stdout
+    df = load_runs(sweep="e2e_other", tracking_uri=sweep.uri)
+    assert len(df) == 1 and df.attrs["reused"] == 1
+    row = df.iloc[0]
+    assert row["tag.ctmlab.sweep"] == "e2e_other" and row["tag.ctmlab.variant"] == "loss.lambda_gan=0.1@20"
+    origin = sweep.client().get_run(row["tag.ctmlab.reused_from"])
+    assert origin.data.tags["ctmlab.sweep"] == "e2e"
+    assert row["metric.eval/sw2/nfe1"] == origin.data.metrics["eval/sw2/nfe1"]
+    assert row["best.eval/sw2/nfe1"] == origin.data.metrics["best/eval/sw2/nfe1"]
+    fig = plot_sample_grid(df, out=tmp_path / "montage")  # the copy's PNGs are the original's
+    assert (tmp_path / "montage.png").stat().st_size > 1000 and len(fig.axes) == 1
