@@ -101,7 +101,7 @@ def _log_trial(client, exp_id, parent_id, sweep, mu, seed, status, tmp: Path) ->
     if status == "FINISHED":
         for step, level in ((100, 0.2), (200, 0.8)):
             image = tmp / f"step_{step:06d}.png"
-            imsave(image, np.full((8, 8, 3), level))
+            imsave(image, np.full((8, 24, 3), level))  # wide, like the toy scatter strips
             client.log_artifact(run_id, str(image), artifact_path="samples")
     if status != "RUNNING":
         client.set_terminated(run_id, status)
@@ -338,6 +338,9 @@ def test_plots_write_png_and_pdf(store, runs, tmp_path):
     analysis.plot_metric_vs_param(runs, "axis", "sw2", out=tmp_path / "param")
     grid = analysis.plot_sample_grid(runs, out=tmp_path / "samples")
     assert len([ax for ax in grid.axes if ax.images]) == 7  # every FINISHED run has samples
+    nrows, ncols = grid.axes[0].get_subplotspec().get_gridspec().get_geometry()
+    width, height = grid.get_size_inches()
+    assert width / ncols > 2.5 * (height / nrows - 0.45)  # tiles follow the 3:1 samples, not squares
     for stem in ("nfe", "step", "param", "samples"):
         assert _is_png(tmp_path / f"{stem}.png")
         assert (tmp_path / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
