@@ -390,6 +390,7 @@ def _state(step, config, meta, student, ema, optimizer, discriminator, d_optimiz
            rates) -> dict[str, Any]:
     return {
         "step": step, "config": config_to_dict(config), "meta": meta, "ema_rates": list(rates),
+        "world_size": env.world_size,  # provenance only: results do not depend on it
         "model": student.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
         "discriminator": None if discriminator is None else discriminator.state_dict(),
         "d_optimizer": None if d_optimizer is None else d_optimizer.state_dict(),

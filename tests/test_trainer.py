@@ -88,17 +88,26 @@ def test_exact_resume_after_sigkill(tmp_path, teacher_dir, mode_overrides):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_processes_equal_one(tmp_path, teacher_dir):
+DDP_LAUNCHERS = {  # two gloo processes, started the way each launcher does it
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 "-m", "ctm_core.train", "--config"],
+    "ray_train": [sys.executable, "-m", "sweeps.ray_train", "--workers", "2", "--config"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(DDP_LAUNCHERS))
+def test_ddp_two_processes_equal_one(tmp_path, teacher_dir, launcher):
     # 16 samples per process in microbatches of 8, then 5 (+5+5+1) once the GAN is on
     extra = ["mode=ctm", f"teacher.checkpoint={teacher_dir}", "train.steps=20", "train.ckpt_every=20",
              "loss.lambda_gan=0.1@5", "eval.every=0", "data.micro_batch=8", "gan.micro_batch=5"]
     train(_tiny(tmp_path, "single", extra))
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(_tiny(tmp_path, "ddp", extra))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ctm_core.train", "--config", str(config_file)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(DDP_LAUNCHERS[launcher] + [str(config_file)], env=ENV, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    step, path = list_checkpoints(tmp_path / "ddp")[-1]
+    assert step == 20 and load_checkpoint(path)["world_size"] == 2  # really two processes in one group
     one, two = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
     assert one.keys() == two.keys()
     for key in one:
