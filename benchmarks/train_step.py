@@ -76,6 +76,7 @@ from ctm_core.networks.unet import UNetBlock  # noqa: E402
 from ctm_core.objective import DiscriminatorObjective, GeneratorObjective, MicroBatch  # noqa: E402
 from ctm_core.parameterization import CTMModel  # noqa: E402
 from ctm_core.process import karras_grid  # noqa: E402
+from ctm_core.teacher_graph import GraphedTeacher  # noqa: E402
 from ctm_core.solvers import solve_on_grid  # noqa: E402
 from ctm_core.train import _draw, _slice_draw, _step_weights  # noqa: E402
 
@@ -280,51 +281,7 @@ class Setup:
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA graph of the teacher's denoiser
-
-class GraphedTeacher:
-    """Stands in for the teacher CTMModel inside GeneratorObjective: `denoiser(x, t, labels)`
-    replays a CUDA graph captured once per (shape, dtype, autocast state). The teacher is frozen
-    and called under no_grad with fixed shapes, so a static-buffer graph is exact."""
-
-    def __init__(self, teacher: CTMModel):
-        self.teacher = teacher
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.pool = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.teacher, name)
-
-    def denoiser(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        if class_labels is not None or torch.is_grad_enabled() or x.device.type != "cuda":
-            return self.teacher.denoiser(x, t, class_labels)
-        amp = torch.is_autocast_enabled("cuda")
-        key = (tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), amp)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x, t, amp)
-        graph, static_x, static_t, static_out = self.graphs[key]
-        static_x.copy_(x)
-        static_t.copy_(t)
-        graph.replay()
-        return static_out
-
-    def _capture(self, x: torch.Tensor, t: torch.Tensor, amp: bool):
-        static_x, static_t = x.clone(), t.clone()
-        amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if amp \
-            else contextlib.nullcontext
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), amp_ctx():
-            for _ in range(3):
-                self.teacher.denoiser(static_x, static_t)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool), amp_ctx():
-            static_out = self.teacher.denoiser(static_x, static_t)
-        return graph, static_x, static_t, static_out
-
+# Teacher wrappers (the CUDA-graphed one is ctm_core.teacher_graph.GraphedTeacher, as in the trainer)
 
 class AutocastTeacher:
     """The teacher's denoiser in a fixed precision (bf16 autocast on or off), whatever the caller's."""

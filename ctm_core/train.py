@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .builders import build_discriminator, build_model, build_optimizer, data_meta
-from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_config
+from .config import ConfigError, TrainConfig, TrainLoopConfig, config_from_dict, config_to_dict, load_config
 from .data import BatchStream, derived_seed, load_dataset
 from .distributed import DistEnv, barrier, broadcast_object, init_distributed
 from .ema import EMABank
@@ -36,6 +36,7 @@ from .losses import make_distance, sample_cd_times, sample_ctm_times, sample_dsm
 from .objective import DiscriminatorObjective, GeneratorObjective, MicroBatch, StepWeights
 from .parameterization import CTMModel
 from .process import karras_grid
+from .teacher_graph import GraphedTeacher
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -89,6 +90,20 @@ def _load_teacher(config: TrainConfig, device: torch.device) -> tuple[CTMModel, 
     teacher = build_model(teacher_cfg, state["meta"])
     teacher.load_state_dict(ckpt.network_weights(state, teacher_cfg.ema.eval_rate))
     return teacher.to(device).eval().requires_grad_(False), state["meta"]
+
+
+def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.device):
+    """On CUDA: compile the frozen teacher's backbone and replay its denoiser as a CUDA graph, the
+    fastest variant that stays exact (benchmarks/RESULTS.md). The solver gets the result; evaluation
+    keeps the plain model (other batch shapes would each capture a graph)."""
+    for flag in ("compile_teacher", "teacher_graphs"):
+        if getattr(loop, flag) == "on" and device.type != "cuda":
+            raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
+    if device.type != "cuda":
+        return teacher
+    if loop.compile_teacher != "off":
+        teacher.backbone.compile()
+    return GraphedTeacher(teacher) if loop.teacher_graphs != "off" else teacher
 
 
 def _use_bf16(config: TrainConfig, env: DistEnv) -> bool:
@@ -191,7 +206,12 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         teacher.check_inputs = check_inputs
     channels_last = kind == "image" and (config.train.channels_last == "on" or
                                          (config.train.channels_last == "auto" and env.device.type == "cuda"))
-    student.to(env.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    student.to(env.device, memory_format=layout)
+    if teacher is not None:
+        teacher.to(memory_format=layout)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes are fixed per microbatch size: autotune once
     rates = sorted(set(config.ema.rates) | {config.ema.target_rate, config.ema.eval_rate})
     ema = EMABank(student, rates).to(env.device)
     target = ema[config.ema.target_rate]
@@ -205,6 +225,10 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     if config.ctm.distance == "lpips":
         from .lpips_distance import LPIPSDistance
         lpips = LPIPSDistance(cache_dir=config.runtime.cache_dir).to(env.device)
+    if channels_last:  # every image network in one layout: no conversions between them
+        for module in (lpips, discriminator):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     distance = make_distance(config.ctm.distance, lpips)
     stream = BatchStream(len(meta_set), config.data.batch_size, config.seed, env.rank, env.world_size,
                          config.data.hflip)
@@ -239,7 +263,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         torch.manual_seed(derived_seed("dropout", config.seed, env.rank, start_step))
 
     grid = karras_grid(config.ctm.num_points, student.process, torch.float32, env.device)
-    g_objective = GeneratorObjective(student, config, grid, distance, target, teacher, discriminator)
+    solver_teacher = None if teacher is None else _accelerate_teacher(teacher, config.train, env.device)
+    g_objective = GeneratorObjective(student, config, grid, distance, target, solver_teacher, discriminator)
     d_objective = DiscriminatorObjective(discriminator) if discriminator is not None else None
     if config.train.compile:
         student.backbone.compile()

@@ -260,3 +260,23 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
     final = json.loads((tmp_path / "done" / "final_metrics.json").read_text())
     assert final["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
     assert again.step == 10 and again.metrics["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
+
+
+def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp_path, teacher_dir):
+    from ctm_core.teacher_graph import GraphedTeacher
+    from ctm_core.train import _accelerate_teacher, _load_teacher
+
+    config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
+    teacher, _ = _load_teacher(config, torch.device("cpu"))
+    assert _accelerate_teacher(teacher, config.train, torch.device("cpu")) is teacher  # auto: nothing on CPU
+    for flag in ("compile_teacher", "teacher_graphs"):
+        loop = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}", f"train.{flag}=on"]).train
+        with pytest.raises(ValueError, match=f"train.{flag}=on needs a CUDA device"):
+            _accelerate_teacher(teacher, loop, torch.device("cpu"))
+    graphed = GraphedTeacher(teacher)  # off CUDA it is the model itself
+    x, t = torch.randn(5, 2), torch.full((5,), 3.0)
+    with torch.no_grad():
+        assert torch.equal(graphed.denoiser(x, t), teacher.denoiser(x, t))
+    assert graphed.process is teacher.process
+    with pytest.raises(ValueError, match="frozen"):
+        GraphedTeacher(teacher.requires_grad_(True))

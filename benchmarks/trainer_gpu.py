@@ -1,0 +1,173 @@
+"""The trainer itself (ctm_core.train) on one GPU at the CIFAR-10 setting: s/step with its GPU
+defaults against the same run with the teacher accelerations off, and their losses compared.
+
+    python benchmarks/trainer_gpu.py [--steps 40] [--batch 64] [--variants defaults,plain] [--out FILE.json]
+
+train_step.py times the step's parts in isolation; this runs the real loop (data stream, host
+draws, microbatches, EMA, discriminator, logging, checkpoints) so the number is what a user gets.
+Nothing is downloaded and no dataset is needed: data of CIFAR-10's shape (a fixed random .npy),
+a teacher from a 1-step `edm` run whose (near-)zero layers are re-drawn at random, random-weight LPIPS VGG16 and discriminator feature networks in
+a temporary weight cache, and a stand-in TorchScript detector for the (tiny) end-of-run evaluation.
+Speed does not depend on the weights. The trainer logs every step; s/step is the median of its
+own 1/train/it_per_s over the steps after --warmup (compilation, cuDNN autotuning and graph
+capture happen in the first steps). Correctness: every variant starts from the same weights and
+draws the same noise and times, so their step-1 losses differ by numerics only (bf16 runs then
+drift apart over the steps, as two bf16 runs of the same variant would).
+
+Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 autocast):
+    defaults   the trainer's GPU defaults: channels_last everywhere, cuDNN autotuning, fused Adam,
+               torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph
+    plain      train.compile_teacher=off, train.teacher_graphs=off
+    compiled   defaults + train.compile=true (the student's backbone too)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ctm_core.checkpoint import atomic_save, list_checkpoints, load_checkpoint  # noqa: E402
+from ctm_core.config import load_config  # noqa: E402
+from ctm_core.pretrained import WEIGHTS  # noqa: E402
+from ctm_core.train import train  # noqa: E402
+
+VARIANTS = {
+    "defaults": [],
+    "plain": ["train.compile_teacher=off", "train.teacher_graphs=off"],
+    "compiled": ["train.compile=true"],
+}
+
+
+class StandInDetector(nn.Module):
+    """NVIDIA's detector interface, `net(images, return_features=True)`, without Inception."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return images.float().flatten(1)[:, :64]
+
+
+def random_weight_cache(folder: Path) -> None:
+    """The cache entries the CIFAR-10 config reads, with random weights of the right architectures."""
+    import timm
+    import torchvision
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.vgg16().state_dict(), folder / WEIGHTS["vgg16_lpips"].filename)
+    for name in ("tf_efficientnet_lite0", "deit_base_distilled_patch16_224"):
+        torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / WEIGHTS[name].filename)
+
+
+def redraw_zero_tensors(run_dir: Path, std: float = 0.02) -> int:
+    """Give the teacher's zero-initialised layers (the U-Net's output conv, biases; after one step
+    they are still ~0, in the EMA even more so) random values in its checkpoint, so that its outputs,
+    and the numerics the variants are compared on, are not trivial."""
+    _, path = list_checkpoints(run_dir)[-1]
+    state = load_checkpoint(path)
+    gen = torch.Generator().manual_seed(0)
+    count = 0
+
+    def redraw(tree):
+        nonlocal count
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                redraw(value)
+            elif torch.is_tensor(value) and value.is_floating_point() and value.numel() and value.abs().max() < 1e-4:
+                tree[key] = torch.randn(value.shape, generator=gen, dtype=value.dtype) * std
+                count += 1
+
+    redraw(state["model"])
+    redraw(state["ema"])
+    atomic_save(state, path)
+    return count
+
+
+def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int) -> dict:
+    out = work / name
+    config = load_config(REPO / "configs" / "cifar10_ctm.yaml",
+                         common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
+                                                    f"train.steps={steps}", "train.log_every=1",
+                                                    f"train.ckpt_every={steps}"])
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    train(config)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "train/it_per_s" in r]
+    seconds = [1.0 / r["train/it_per_s"] for r in logged]
+    return {"variant": name, "overrides": VARIANTS[name], "wall_s": wall,
+            "s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
+            "warmup_s": sum(seconds[:warmup]),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "loss_ctm": [r["train/loss_ctm"] for r in logged], "loss_dsm": [r["train/loss_dsm"] for r in logged],
+            "loss_gan_g": [r.get("train/loss_gan") for r in logged]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of s/step")
+    parser.add_argument("--batch", type=int, default=64, help="per-GPU batch (the paper: 256 on 4 GPUs)")
+    parser.add_argument("--variants", default="defaults,plain")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/trainer_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    names = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        print(f"unknown variants {unknown}; known: {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="trainer-gpu-"))
+    cache = work / "cache"
+    random_weight_cache(cache)
+    detector = work / "detector.pt"
+    torch.jit.script(StandInDetector()).save(str(detector))
+    data = work / "cifar_shape.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.uniform(-1, 1, size=(4096, 3, 32, 32)).astype(np.float32))
+    common = [f"data.spec=npy:{data}", f"data.batch_size={args.batch}", f"data.micro_batch={args.batch}",
+              f"gan.micro_batch={args.batch}", "loss.lambda_gan=1:adaptive", f"runtime.cache_dir={cache}",
+              f"eval.inception={detector}", "eval.num_samples=64", "eval.teacher_steps=null", "eval.nfe=[1]",
+              "eval.every=0", "runtime.progress=off"]
+    teacher = work / "teacher"
+    train(load_config(REPO / "configs" / "cifar10_edm.yaml",
+                      [c for c in common if not c.startswith(("gan.", "loss."))] +
+                      [f"runtime.out_dir={teacher}", "train.steps=1", "train.ckpt_every=1"]))
+    redraw_zero_tensors(teacher)
+
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+               "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "steps": args.steps, "variants": []}
+    for name in names:
+        results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup))
+        torch.cuda.empty_cache()
+
+    base = results["variants"][0]
+    print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
+          f"step-1 loss_ctm / loss_dsm rel. diff vs {base['variant']} |")
+    print("|---|---|---|---|---|---|")
+    for r in results["variants"]:
+        diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in ("loss_ctm", "loss_dsm")]
+        r["step1_rel_diff"] = dict(zip(("loss_ctm", "loss_dsm"), diffs))
+        print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} | "
+              f"{r['peak_mem_gib']:.1f} | {diffs[0]:.1e} / {diffs[1]:.1e} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
