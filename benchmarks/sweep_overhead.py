@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,18 @@ def main(argv=None) -> int:
     slots = max(1, min(args.max_concurrent, len(trials)))
     busy = teacher + compute / slots
     overhead = (wall - busy) / wall
+    # Where the rest goes (exact with one trial at a time): start-up, gaps between trials, the end.
+    parent = min(r.info.start_time for r in runs if r.data.tags.get("ctmlab.role") == "sweep") / 1000
+    spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in trials)
+    ready = max(timings.get("teacher_end", t0), timings.get("ray_ready", t0))
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    breakdown = [
+        ("  command -> parent run (imports, validation, store)", f"{parent - t0:.1f} s"),
+        ("  teacher done and Ray ready -> first trial's run", f"{spans[0][0] - ready:.1f} s"),
+        ("  between trials (sum; median)" if slots == 1 else "  between trials: n/a with trials in parallel",
+         f"{sum(gaps):.1f} s; {statistics.median(gaps):.2f} s" if slots == 1 and gaps else "-"),
+        ("  last trial's end -> exit (Ray shutdown, table)", f"{t0 + wall - spans[-1][1]:.1f} s"),
+    ]
 
     rows = [
         ("sweep", f"{args.name} (smoke), {len(trials)} trials, {slots} at once"),
@@ -79,6 +92,7 @@ def main(argv=None) -> int:
         ("teacher compute", f"{teacher:.1f} s" if teacher_trained else "cached"),
         ("sum of trial compute", f"{compute:.1f} s"),
         ("overhead", f"{100 * overhead:.1f} % ({wall - busy:.1f} s)"),
+        *breakdown,
         ("command -> first training step", f"{first_step:.1f} s"),
         ("command -> first trial step", f"{first_trial:.1f} s"),
         ("command -> Ray ready (the teacher trains meanwhile)", f"{timings['ray_ready'] - t0:.1f} s"),
