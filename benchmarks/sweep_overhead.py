@@ -6,10 +6,13 @@ Runs `python sweeps/launch.py NAME` (smoke budget, embedded default: local Ray, 
 MLflow store and sweep root in a temp dir) and prints:
 
   wall time                 command start -> launcher exit (measured here)
-  teacher compute           the teacher's training (its own process, from start to its last checkpoint;
+  teacher compute           the teacher's training: from its train() writing config.yaml (after its
+                            set-up) to its last checkpoint (its process start counts as overhead;
                             Ray and the first trial actors start meanwhile)
-  sum of trial compute      sum over trials of the MLflow child run's duration, i.e. the trainer
-                            from its first step to its end (evals, checkpoints and logging included)
+  sum of trial compute      sum over trials of the trainer's own wall time in train() (set-up,
+                            steps, evals, checkpoints; MLflow metric time/train_seconds); the MLflow
+                            runs' durations (from the run's creation after the trainer's set-up)
+                            are printed beside it
   overhead                  (wall - teacher - sum of trial compute / K) / wall, K = trials at once;
                             with K = 1 (the default) exactly (wall - compute) / wall
   command -> first step     until the first training step of anything (the teacher, if trained)
@@ -62,25 +65,30 @@ def main(argv=None) -> int:
     experiment = client.get_experiment_by_name("ctm-lab")
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
     trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
-    compute = sum((r.info.end_time - r.info.start_time) / 1000 for r in trials)
+    run_time = sum((r.info.end_time - r.info.start_time) / 1000 for r in trials)
+    compute = sum(r.data.metrics.get("time/train_seconds", (r.info.end_time - r.info.start_time) / 1000)
+                  for r in trials)
     first_trial = min(r.info.start_time for r in trials) / 1000 - t0
     state = json.loads(next((work / "runs" / args.name / "launches").glob("*.json")).read_text())
     timings = state["timings"]
-    teacher = timings.get("teacher_end", 0) - timings.get("teacher_start", 0)
-    teacher_trained = teacher > 2.0
     teacher_dirs = list((work / "runs" / args.name / "teachers").glob("*/config.yaml"))  # written at its step 0
+    teacher_began = min((p.stat().st_mtime for p in teacher_dirs), default=timings.get("teacher_start", 0))
+    teacher = timings.get("teacher_end", 0) - teacher_began
+    teacher_trained = teacher > 2.0
     first_step = min(p.stat().st_mtime for p in teacher_dirs) - t0 if teacher_trained and teacher_dirs else first_trial
     slots = max(1, min(args.max_concurrent, len(trials)))
     busy = teacher + compute / slots
     overhead = (wall - busy) / wall
     # Where the rest goes (exact with one trial at a time): start-up, gaps between trials, the end.
     parent = min(r.info.start_time for r in runs if r.data.tags.get("ctmlab.role") == "sweep") / 1000
-    spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in trials)
+    spans = sorted((r.info.end_time / 1000 - r.data.metrics.get("time/train_seconds", 0.0), r.info.end_time / 1000)
+                   if "time/train_seconds" in r.data.metrics else (r.info.start_time / 1000, r.info.end_time / 1000)
+                   for r in trials)  # the trainer's own span where it is known
     ready = max(timings.get("teacher_end", t0), timings.get("ray_ready", t0))
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
     breakdown = [
         ("  command -> parent run (imports, validation, store)", f"{parent - t0:.1f} s"),
-        ("  teacher done and Ray ready -> first trial's run", f"{spans[0][0] - ready:.1f} s"),
+        ("  teacher done and Ray ready -> first trial's train()", f"{spans[0][0] - ready:.1f} s"),
         ("  between trials (sum; median)" if slots == 1 else "  between trials: n/a with trials in parallel",
          f"{sum(gaps):.1f} s; {statistics.median(gaps):.2f} s" if slots == 1 and gaps else "-"),
         ("  last trial's end -> exit (Ray shutdown, table)", f"{t0 + wall - spans[-1][1]:.1f} s"),
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
         ("sweep", f"{args.name} (smoke), {len(trials)} trials, {slots} at once"),
         ("wall time", f"{wall:.1f} s"),
         ("teacher compute", f"{teacher:.1f} s" if teacher_trained else "cached"),
-        ("sum of trial compute", f"{compute:.1f} s"),
+        ("sum of trial compute", f"{compute:.1f} s (MLflow run durations: {run_time:.1f} s)"),
         ("overhead", f"{100 * overhead:.1f} % ({wall - busy:.1f} s)"),
         *breakdown,
         ("command -> first training step", f"{first_step:.1f} s"),

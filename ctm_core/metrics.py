@@ -7,6 +7,8 @@ network from the local cache only (see ctm_core.pretrained).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import math
 import os
 import tempfile
@@ -110,10 +112,26 @@ def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 1024, y_within: floa
     return 2 * between - within_a - within_b
 
 
+_WITHIN_MEMO: "collections.OrderedDict[tuple, float]" = collections.OrderedDict()
+_WITHIN_MEMO_SIZE = 8
+
+
 def within_distance(y: Tensor, chunk_size: int = 1024) -> float:
-    """E|Y-Y'| over distinct pairs: the reference's own term of the energy distance."""
+    """E|Y-Y'| over distinct pairs: the reference's own term of the energy distance.
+
+    Memoised by the data's SHA-1 (a pure function of it): a sweep worker scores trial after trial
+    against the same held-out set, and the O(n^2) term cost ~0.7 s per trial at n = 5,000.
+    """
     b = _flat64(y, "y")
-    return _mean_distance(b, b, True, chunk_size)
+    key = (hashlib.sha1(b.cpu().contiguous().numpy().tobytes()).hexdigest(), tuple(b.shape), chunk_size)
+    if key in _WITHIN_MEMO:
+        _WITHIN_MEMO.move_to_end(key)
+        return _WITHIN_MEMO[key]
+    value = _mean_distance(b, b, True, chunk_size)
+    _WITHIN_MEMO[key] = value
+    while len(_WITHIN_MEMO) > _WITHIN_MEMO_SIZE:
+        _WITHIN_MEMO.popitem(last=False)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

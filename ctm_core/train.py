@@ -73,6 +73,7 @@ class TrainResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+    seconds: float = 0.0  # wall time of this train() call, set-up and evaluation included
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +183,7 @@ def _step_weights(config: TrainConfig, step: int) -> StepWeights:
 # The loop
 
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    started = time.perf_counter()
     env = init_distributed(config.runtime.device)
     out_dir = Path(config.runtime.out_dir)
     meta_set = load_dataset(config.data.spec, "train", seed=config.seed)
@@ -396,7 +398,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     final_file = out_dir / "final_metrics.json"
     if step == start_step and final_file.exists():  # resumed at the last step: nothing new to report
         last_metrics = {k: v for k, v in json.loads(final_file.read_text()).items() if k != "step"}
-    result = TrainResult(out_dir, step, last_metrics, last_ckpt)
+    result = TrainResult(out_dir, step, last_metrics, last_ckpt, time.perf_counter() - started)
     if env.is_main and step > start_step:
         final_file.write_text(json.dumps({"step": step, **last_metrics}, indent=1))
         for cb in callbacks:

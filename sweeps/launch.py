@@ -20,10 +20,12 @@ T_COMMAND = time.time()  # before the heavy imports: "time from command to first
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
@@ -406,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_state(plan, state)
             ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
                                            args.force, max(1, int(plan.resources.cpus)), env)
+            # The driver idles while trials train: load what the final table needs now, not after.
+            threading.Thread(target=importlib.import_module, args=("analysis",), daemon=True).start()
             try:
                 if teacher_job.failed:  # no trial starts on a teacher that already failed
                     raise RuntimeError("the teacher failed")

@@ -207,6 +207,7 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
         tune.report({**done.data.metrics, "step": trial.config.train.steps, "mlflow_run_id": done.info.run_id,
                      "config_hash": trial.config_hash, "skipped": 1})
         return
+    import torch._dynamo  # noqa: F401 -- torch.optim imports it at the first optimiser (~2 s): pay it while waiting
     wait_for_teacher(ctx.plan)  # the launcher may still be training it (trial start-up overlaps it)
     restored = tune.get_checkpoint()
     if restored is not None:

@@ -398,8 +398,8 @@ class MlflowTrialCallback(Callback):
             return  # a finished run reopened at its last step: nothing new, keep its artifacts
         # best/<key>: the minimum over the history (lower is better for every metric), read by analysis.
         summary = {f"best/{k}": v for k, (v, _) in self.best.items()}
-        if summary:
-            log_metrics(self.uri, self.run_id, result.step, summary)
+        summary["time/train_seconds"] = result.seconds  # the trainer's own wall time (this process)
+        log_metrics(self.uri, self.run_id, result.step, summary)
         final = Path(result.out_dir) / "final_metrics.json"
         if final.is_file():
             retry(lambda: client(self.uri).log_artifact(self.run_id, str(final)))

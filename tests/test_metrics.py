@@ -315,3 +315,6 @@ def test_energy_distance_with_precomputed_reference_term():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(300, 2, generator=g), torch.randn(400, 2, generator=g) + 0.5
     assert energy_distance(x, y, y_within=within_distance(y)) == pytest.approx(energy_distance(x, y), rel=1e-12)
+    # memoised by content: the same data gives the cached value, other data its own
+    assert within_distance(y.clone()) == within_distance(y)
+    assert within_distance(y * 2) == pytest.approx(2 * within_distance(y), rel=1e-12)
