@@ -1,5 +1,5 @@
 """The launcher's other Ray paths, end to end on a real local Ray and a real MLflow store:
-a DDP trial (one process per GPU; here 2 gloo processes on Ray's declared GPUs, CUDA absent) and
+a DDP trial (one process per GPU; on a machine without CUDA, 2 gloo processes on GPUs declared to Ray) and
 a search (Optuna sampling a log-uniform lr, ASHA stopping trials early)."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _launch(tmp: Path, name: str, sweep: dict, *extra: str) -> tuple[subprocess.
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     uri = f"sqlite:///{tmp}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, str(LAUNCH), str(path), "--root", str(tmp / "runs"), *extra],
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=420)
     return done, uri
@@ -81,7 +81,9 @@ def test_optuna_search_with_asha_stops_trials_early(tmp_path):
     client = MlflowClient(uri)
     last_step = {r.info.run_id: max(m.step for m in client.get_metric_history(r.info.run_id, "train/loss_ctm"))
                  for r in runs}
-    assert all(last_step[r.info.run_id] < 40 for r in stopped)
-    assert all(last_step[r.info.run_id] == 40 for r in finished)
+    # A stopped trial never reached the trainer's end (no end-of-run summary); it may have trained on for
+    # a few steps while the driver decided (the trainer does not wait for Tune at its reports).
+    assert all("time/train_seconds" not in r.data.metrics for r in stopped)
+    assert all(last_step[r.info.run_id] == 40 and "time/train_seconds" in r.data.metrics for r in finished)
     assert "stopped early by the asha scheduler" in done.stdout
     assert "| optim.lr" in done.stdout or "optim.lr" in done.stdout  # the end table, one row per sampled lr
