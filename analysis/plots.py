@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from .runs import mlflow_client
+from .runs import REUSED_FROM_TAG, mlflow_client
 from .tables import FINISHED, _hashable, _row_label, _sort_key, ablation_table, resolve_metric, resolve_rows
 
 __all__ = [
@@ -225,7 +225,7 @@ TILE_HEIGHT = 2.3  # inches per montage row, plus room for the caption
 
 def _artifact_run(run: pd.Series) -> str:
     """Whose artifacts a row shows: a reused-run copy holds metrics only, its original the PNGs."""
-    origin = run.get("tag.ctmlab.reused_from")
+    origin = run.get(f"tag.{REUSED_FROM_TAG}")
     return origin if isinstance(origin, str) and origin else run["run_id"]
 
 

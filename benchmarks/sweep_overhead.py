@@ -37,6 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _train_span(run) -> tuple[float, float]:
+    """(start, end) in seconds of a trial's train() call; the MLflow run's span where the trainer did not say."""
+    end = run.info.end_time / 1000
+    seconds = run.data.metrics.get("time/train_seconds")
+    return (end - seconds, end) if seconds is not None else (run.info.start_time / 1000, end)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default="ablation_gan")
@@ -66,8 +73,8 @@ def main(argv=None) -> int:
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
     trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
     run_time = sum((r.info.end_time - r.info.start_time) / 1000 for r in trials)
-    compute = sum(r.data.metrics.get("time/train_seconds", (r.info.end_time - r.info.start_time) / 1000)
-                  for r in trials)
+    spans = sorted(_train_span(r) for r in trials)
+    compute = sum(end - begin for begin, end in spans)
     first_trial = min(r.info.start_time for r in trials) / 1000 - t0
     state = json.loads(next((work / "runs" / args.name / "launches").glob("*.json")).read_text())
     timings = state["timings"]
@@ -75,15 +82,12 @@ def main(argv=None) -> int:
     teacher_began = min((p.stat().st_mtime for p in teacher_dirs), default=timings.get("teacher_start", 0))
     teacher = timings.get("teacher_end", 0) - teacher_began
     teacher_trained = teacher > 2.0
-    first_step = min(p.stat().st_mtime for p in teacher_dirs) - t0 if teacher_trained and teacher_dirs else first_trial
+    first_step = teacher_began - t0 if teacher_trained and teacher_dirs else first_trial
     slots = max(1, min(args.max_concurrent, len(trials)))
     busy = teacher + compute / slots
     overhead = (wall - busy) / wall
     # Where the rest goes (exact with one trial at a time): start-up, gaps between trials, the end.
     parent = min(r.info.start_time for r in runs if r.data.tags.get("ctmlab.role") == "sweep") / 1000
-    spans = sorted((r.info.end_time / 1000 - r.data.metrics.get("time/train_seconds", 0.0), r.info.end_time / 1000)
-                   if "time/train_seconds" in r.data.metrics else (r.info.start_time / 1000, r.info.end_time / 1000)
-                   for r in trials)  # the trainer's own span where it is known
     ready = max(timings.get("teacher_end", t0), timings.get("ray_ready", t0))
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
     breakdown = [

@@ -68,7 +68,7 @@ def random_weight_cache(folder: Path) -> None:
         torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / WEIGHTS[name].filename)
 
 
-def redraw_zero_tensors(run_dir: Path, std: float = 0.02) -> int:
+def redraw_near_zero_tensors(run_dir: Path, std: float = 0.02) -> int:
     """Give the teacher's zero-initialised layers (the U-Net's output conv, biases; after one step
     they are still ~0, in the EMA even more so) random values in its checkpoint, so that its outputs,
     and the numerics the variants are compared on, are not trivial."""
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     train(load_config(REPO / "configs" / "cifar10_edm.yaml",
                       [c for c in common if not c.startswith(("gan.", "loss."))] +
                       [f"runtime.out_dir={teacher}", "train.steps=1", "train.ckpt_every=1"]))
-    redraw_zero_tensors(teacher)
+    redraw_near_zero_tensors(teacher)
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "steps": args.steps, "variants": []}

@@ -268,6 +268,7 @@ def record_reused(uri: str, experiment_id: str, parent_run_id: str, trials: Iter
                                          run_name=trial.name))
         run_id = run.info.run_id
         log_params_and_tags(uri, run_id, dict(source.data.params), {})
+        # key, value, timestamp, step only: the source's run (and model) ids must not travel with them
         history = [Metric(m.key, m.value, m.timestamp, m.step) for key in source.data.metrics
                    for m in retry(lambda key=key: c.get_metric_history(source.info.run_id, key))]
         for chunk in _batches(history, 1000):
