@@ -10,6 +10,10 @@ from torch import nn
 from .config import GANConfig, ModelConfig, OptimConfig, TrainConfig
 from .parameterization import CTMModel
 
+# Images up to this size get the from-scratch patch discriminator under gan.discriminator=auto: ImageNet
+# features of a 16 px image upsampled to 224 judge interpolation artefacts, not digits.
+SMALL_IMAGE_PX = 16
+
 
 def data_meta(dataset) -> dict[str, Any]:
     """What a checkpoint must remember of the data to rebuild its network without the data."""
@@ -54,12 +58,16 @@ def build_optimizer(params, optim: OptimConfig, fused: bool = False) -> torch.op
 def build_discriminator(gan: GANConfig, meta: dict[str, Any], cache_dir: str | None) -> nn.Module:
     from . import discriminators
 
-    kind = gan.discriminator
+    kind, shape = gan.discriminator, tuple(meta["data_shape"])
     if kind == "auto":
-        kind = "vector" if meta["kind"] == "vector" else "projected"
+        kind = "vector" if meta["kind"] == "vector" else ("patch" if shape[-1] <= SMALL_IMAGE_PX else "projected")
     if kind == "vector":
-        if len(meta["data_shape"]) != 1:
-            raise ValueError("gan.discriminator 'vector' needs vector data")
-        return discriminators.VectorDiscriminator(meta["data_shape"][0])
+        if len(shape) != 1:
+            raise ValueError(f"gan.discriminator 'vector' needs vector data; the data has shape {shape}")
+        return discriminators.VectorDiscriminator(shape[0])
+    if len(shape) != 3:
+        raise ValueError(f"gan.discriminator {kind!r} needs images (c, h, w); the data has shape {shape}")
     augment = {} if gan.augment else {"diffaug_policy": None}
+    if kind == "patch":
+        return discriminators.PatchDiscriminator(shape[0], shape[-1], **augment)
     return discriminators.build_paper_discriminator(cache_dir=cache_dir, **augment)

@@ -108,7 +108,8 @@ class LossConfig:
 
 @dataclass(config=_STRICT)
 class GANConfig:
-    discriminator: Literal["auto", "vector", "projected"] = "auto"   # auto: vector for vectors
+    # auto: 'vector' for vectors, 'patch' (from scratch) for images of <= 16 px, else 'projected' (the paper's)
+    discriminator: Literal["auto", "vector", "patch", "projected"] = "auto"
     lr: PositiveFloat = 2e-3
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.9)
     augment: bool = True

@@ -6,6 +6,9 @@ random projections across channels and across scales, and judged by small traina
 heads, one per feature scale. The frozen parts give the discriminator good features from
 the start, so it cannot overfit a small data set quickly.
 
+`PatchDiscriminator` is trained from scratch on the pixels (DiffAugment, then one patch head): for
+small images where ImageNet features do not apply (8x8 digits) or where no weight cache exists.
+
 `VectorDiscriminator` is a plain MLP for vector (toy) data.
 
 Only modules live here; the hinge / non-saturating losses are in ctm_core/losses.py.
@@ -446,6 +449,42 @@ def build_paper_discriminator(cache_dir: str | os.PathLike | None = None, **disc
     """The CTM paper's discriminator: EfficientNet-lite0 + DeiT-base at 224, weights from the cache."""
     paths = [require_weights(name, cache_dir) for name in PAPER_FEATURE_NETS]
     return build_projected_discriminator(PAPER_FEATURE_NETS, paths, **disc_kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Small images, no pretrained features.
+
+
+class PatchDiscriminator(nn.Module):
+    """DiffAugment + one spectral-norm patch head on the raw pixels, trained from scratch.
+
+    The projected discriminator upsamples to 224 px for ImageNet networks, which is wasted on 8x8
+    grayscale digits and impossible without the weight cache; this one runs anywhere, CPU included.
+    Returns [patch logits (B, P)], like the other discriminators.
+    """
+
+    def __init__(self, channels: int, resolution: int, width: int = 32, max_width: int = 128,
+                 num_classes: int = 0, diffaug_policy: Sequence[str] | None = ("translation", "cutout"),
+                 translation_ratio: float = 0.125, cutout_ratio: float = 0.25):
+        super().__init__()
+        for arg, value, low in (("channels", channels, 1), ("resolution", resolution, 4), ("width", width, 1),
+                                ("num_classes", num_classes, 0)):
+            if int(value) != value or value < low:
+                raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
+        self.head = PatchHead(channels, resolution, width, max_width, min_resolution=4, num_classes=num_classes)
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        self.diffaug_policy = tuple(diffaug_policy) if diffaug_policy else ()
+        self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
+
+    def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None,
+                augment: bool = True) -> list[torch.Tensor]:
+        expected = (self.channels, self.resolution, self.resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        _check_class_labels(class_labels, self.num_classes, x.shape[0])
+        if augment and self.diffaug_policy:
+            x = diff_augment(x, self.diffaug_policy, self.translation_ratio, self.cutout_ratio)
+        return [self.head(x, class_labels)]
 
 
 # ----------------------------------------------------------------------------

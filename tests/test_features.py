@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from ctm_core.builders import build_discriminator
+from ctm_core.config import GANConfig
 from ctm_core.discriminators import (
+    PatchDiscriminator,
     ProjectedDiscriminator,
     VectorDiscriminator,
     build_paper_discriminator,
     build_projected_discriminator,
     diff_augment,
 )
+from ctm_core.losses import gan_discriminator_loss, gan_generator_loss
 from ctm_core.lpips_distance import LPIPSDistance
 from ctm_core.pretrained import (
     CACHE_ENV_VAR,
@@ -350,6 +354,60 @@ def test_vector_discriminator():
         disc(torch.randn(4, 3))
     with pytest.raises(ValueError, match="depth"):
         VectorDiscriminator(2, depth=0)
+
+
+def test_patch_discriminator_learns_from_scratch():
+    """The from-scratch image discriminator separates two image distributions within a few
+    dozen steps (a broken head, stuck augmentation or frozen parameters would not)."""
+    torch.manual_seed(7)
+    disc = PatchDiscriminator(1, 8, width=16)
+    real = torch.zeros(32, 1, 8, 8)
+    real[:, :, :, 3:5] = 1.0                                  # vertical bars
+    fake = torch.zeros(32, 1, 8, 8)
+    fake[:, :, 3:5, :] = 1.0                                  # horizontal bars
+    assert [o.shape for o in disc(real)] == [(32, 16)]         # one 4x4 grid of patch logits
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    for _ in range(40):
+        opt.zero_grad()
+        gan_discriminator_loss(disc(real), disc(fake)).backward()
+        opt.step()
+    with torch.no_grad():
+        margin = disc(real, augment=False)[0].mean() - disc(fake, augment=False)[0].mean()
+    assert margin > 1.0
+    fake.requires_grad_(True)
+    gan_generator_loss(disc(fake)).backward()
+    assert fake.grad.abs().sum() > 0                          # the generator term reaches the image
+    cond = PatchDiscriminator(1, 8, num_classes=10)
+    x = torch.randn(4, 1, 8, 8)
+    assert not torch.allclose(cond(x, torch.zeros(4, dtype=torch.long), augment=False)[0],
+                              cond(x, torch.ones(4, dtype=torch.long), augment=False)[0])
+    with pytest.raises(ValueError, match="class_labels"):
+        cond(x)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        disc(torch.randn(4, 1, 16, 16))
+    with pytest.raises(ValueError, match="resolution"):
+        PatchDiscriminator(1, 2)
+
+
+@pytest.mark.parametrize("shape,kind,expected", [
+    ((2,), "auto", VectorDiscriminator),
+    ((1, 8, 8), "auto", PatchDiscriminator),
+    ((1, 16, 16), "auto", PatchDiscriminator),
+    ((3, 32, 32), "patch", PatchDiscriminator),
+])
+def test_build_discriminator_choice(shape, kind, expected):
+    meta = {"data_shape": list(shape), "kind": "vector" if len(shape) == 1 else "image", "num_classes": 0}
+    assert isinstance(build_discriminator(GANConfig(discriminator=kind), meta, None), expected)
+
+
+def test_build_discriminator_refusals(tmp_path):
+    image = {"data_shape": [3, 32, 32], "kind": "image", "num_classes": 0}
+    with pytest.raises(ValueError, match="'vector' needs vector data"):
+        build_discriminator(GANConfig(discriminator="vector"), image, None)
+    with pytest.raises(ValueError, match="needs images"):
+        build_discriminator(GANConfig(discriminator="patch"), {"data_shape": [2], "kind": "vector", "num_classes": 0}, None)
+    with pytest.raises(MissingWeightsError):                  # 32 px images: the paper's discriminator, cache empty
+        build_discriminator(GANConfig(), image, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
