@@ -280,3 +280,20 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
     assert graphed.process is teacher.process
     with pytest.raises(ValueError, match="frozen"):
         GraphedTeacher(teacher.requires_grad_(True))
+
+
+def test_gan_on_small_images_trains_the_patch_discriminator(tmp_path):
+    """8x8 digits with the GAN term on: gan.discriminator=auto picks the from-scratch patch
+    discriminator (no weight cache), both players take steps and the checkpoint holds it."""
+    extra = ["data.spec=digits", "model.model_channels=8", "model.channel_mult=[1,2]", "model.num_blocks=1",
+             "model.attn_resolutions=[]", "mode=ctm_scratch", "loss.lambda_gan=0.1", "train.steps=6",
+             "train.log_every=2", "train.ckpt_every=6", "eval.teacher_steps=null", "eval.nfe=[1]",
+             "eval.num_samples=64", f"runtime.cache_dir={tmp_path / 'empty-cache'}"]
+    config = load_config(overrides=[o for o in TINY if not o.startswith(("data.spec", "model."))]
+                         + [f"runtime.out_dir={tmp_path / 'run'}"] + extra)
+    train(config)
+    records = [r for r in _train_records(tmp_path / "run") if "train/loss_gan" in r]
+    assert len(records) == 3 and all(np.isfinite(r["train/loss_gan"]) and np.isfinite(r["train/loss_disc"])
+                                     for r in records)
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])["discriminator"]
+    assert any(k.startswith("head.") for k in state) and not any("feature_nets" in k for k in state)
