@@ -2,6 +2,10 @@
 defaults against the same run with the teacher accelerations off, and their losses compared.
 
     python benchmarks/trainer_gpu.py [--steps 40] [--batch 64] [--variants defaults,plain] [--out FILE.json]
+    python benchmarks/trainer_gpu.py --ddp 1,2 [--variants plain]      # DDP scaling at a fixed per-GPU batch
+
+With --ddp, each variant runs under torchrun once per GPU count, the global batch growing with it
+(per-GPU batch fixed), and the table adds the scaling efficiency: (s/step on 1 GPU) / (s/step on n).
 
 train_step.py times the step's parts in isolation; this runs the real loop (data stream, host
 draws, microbatches, EMA, discriminator, logging, checkpoints) so the number is what a user gets.
@@ -16,8 +20,10 @@ drift apart over the steps, as two bf16 runs of the same variant would).
 
 Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 autocast):
     defaults   the trainer's GPU defaults: channels_last everywhere, cuDNN autotuning, fused Adam,
-               torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph
-    plain      train.compile_teacher=off, train.teacher_graphs=off
+               torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph,
+               torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones)
+    eager-features  defaults with train.compile_features=off
+    plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off
     compiled   defaults + train.compile=true (the student's backbone too)
 """
 from __future__ import annotations
@@ -45,7 +51,8 @@ from ctm_core.train import train  # noqa: E402
 
 VARIANTS = {
     "defaults": [],
-    "plain": ["train.compile_teacher=off", "train.teacher_graphs=off"],
+    "eager-features": ["train.compile_features=off"],
+    "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off"],
     "compiled": ["train.compile=true"],
 }
 
@@ -113,6 +120,33 @@ def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: 
             "loss_gan_g": [r.get("train/loss_gan") for r in logged]}
 
 
+def run_ddp(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int, world: int,
+            per_gpu: int) -> dict:
+    """One variant under torchrun on `world` GPUs of this node, the global batch world x per_gpu."""
+    import subprocess
+
+    import yaml
+
+    from ctm_core.config import config_to_dict
+
+    out = work / f"{name}-ddp{world}"
+    config = load_config(REPO / "configs" / "cifar10_ctm.yaml",
+                         common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
+                                                    f"train.steps={steps}", "train.log_every=1",
+                                                    f"train.ckpt_every={steps}", f"data.batch_size={world * per_gpu}"])
+    config_file = work / f"{name}-ddp{world}.yaml"
+    config_file.write_text(yaml.safe_dump(config_to_dict(config)))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                    "-m", "ctm_core.train", "--config", str(config_file)], cwd=REPO, check=True)
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = [1.0 / r["train/it_per_s"] for r in rows if "train/it_per_s" in r]
+    return {"variant": name, "world": world, "global_batch": world * per_gpu, "wall_s": wall,
+            "s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
+            "warmup_s": sum(seconds[:warmup])}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -120,9 +154,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="per-GPU batch (the paper: 256 on 4 GPUs)")
     parser.add_argument("--variants", default="defaults,plain")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--ddp", default="", help="GPU counts to run each variant on under torchrun, e.g. 1,2")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/trainer_gpu.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    worlds = [int(w) for w in args.ddp.split(",") if w]
+    if any(w < 1 or w > torch.cuda.device_count() for w in worlds):
+        print(f"--ddp {args.ddp}: this node has {torch.cuda.device_count()} GPU(s)", file=sys.stderr)
         return 2
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -150,19 +189,37 @@ def main(argv=None) -> int:
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "steps": args.steps, "variants": []}
+    if worlds:
+        results["ddp"] = []
+        print(f"| variant | GPUs | global batch | s/step (median after {args.warmup}) | img/s | scaling efficiency |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            for world in worlds:
+                r = run_ddp(name, work, teacher, common, args.steps, args.warmup, world, args.batch)
+                one = next((d for d in results["ddp"] if d["variant"] == name and d["world"] == 1), None)
+                r["efficiency"] = one["s_per_step"] / r["s_per_step"] if one else None
+                results["ddp"].append(r)
+                efficiency = "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.1f}%"
+                print(f"| {name} | {world} | {r['global_batch']} | {r['s_per_step']:.3f} | "
+                      f"{r['global_batch'] / r['s_per_step']:.1f} | {efficiency} |", flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0
     for name in names:
         results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup))
         torch.cuda.empty_cache()
 
     base = results["variants"][0]
     print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
-          f"step-1 loss_ctm / loss_dsm rel. diff vs {base['variant']} |")
+          f"step-1 loss_ctm / loss_dsm / loss_gan rel. diff vs {base['variant']} |")
     print("|---|---|---|---|---|---|")
     for r in results["variants"]:
-        diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in ("loss_ctm", "loss_dsm")]
-        r["step1_rel_diff"] = dict(zip(("loss_ctm", "loss_dsm"), diffs))
+        keys = ("loss_ctm", "loss_dsm", "loss_gan_g")
+        diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in keys]
+        r["step1_rel_diff"] = dict(zip(keys, diffs))
         print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} | "
-              f"{r['peak_mem_gib']:.1f} | {diffs[0]:.1e} / {diffs[1]:.1e} |")
+              f"{r['peak_mem_gib']:.1f} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -97,14 +97,30 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
     """On CUDA: compile the frozen teacher's backbone and replay its denoiser as a CUDA graph, the
     fastest variant that stays exact (benchmarks/RESULTS.md). The solver gets the result; evaluation
     keeps the plain model (other batch shapes would each capture a graph)."""
-    for flag in ("compile_teacher", "teacher_graphs"):
-        if getattr(loop, flag) == "on" and device.type != "cuda":
-            raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
+    _refuse_cuda_only(loop, device, ("compile_teacher", "teacher_graphs"))
     if device.type != "cuda":
         return teacher
     if loop.compile_teacher != "off":
         teacher.backbone.compile()
     return GraphedTeacher(teacher) if loop.teacher_graphs != "off" else teacher
+
+
+def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device, flags: Sequence[str]) -> None:
+    for flag in flags:
+        if getattr(loop, flag) == "on" and device.type != "cuda":
+            raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
+
+
+def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
+    """On CUDA: compile the frozen feature networks the step back-propagates through to its images
+    (LPIPS's VGG16, the projected discriminator's backbones); the trainable heads stay eager."""
+    _refuse_cuda_only(loop, device, ("compile_features",))
+    if device.type != "cuda" or loop.compile_features == "off":
+        return
+    if lpips is not None:
+        lpips.lpips.compile()
+    for net in getattr(discriminator, "feature_nets", ()):
+        net.compile()
 
 
 def _use_bf16(config: TrainConfig, env: DistEnv) -> bool:
@@ -231,6 +247,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         for module in (lpips, discriminator):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
+    _compile_frozen_features(lpips, discriminator, config.train, env.device)
     distance = make_distance(config.ctm.distance, lpips)
     stream = BatchStream(len(meta_set), config.data.batch_size, config.seed, env.rank, env.world_size,
                          config.data.hflip)

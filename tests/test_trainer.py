@@ -264,7 +264,8 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
 
 def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp_path, teacher_dir):
     from ctm_core.teacher_graph import GraphedTeacher
-    from ctm_core.train import _accelerate_teacher, _load_teacher
+    from ctm_core.discriminators import VectorDiscriminator
+    from ctm_core.train import _accelerate_teacher, _compile_frozen_features, _load_teacher
 
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
@@ -273,6 +274,12 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
         loop = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}", f"train.{flag}=on"]).train
         with pytest.raises(ValueError, match=f"train.{flag}=on needs a CUDA device"):
             _accelerate_teacher(teacher, loop, torch.device("cpu"))
+    features = _tiny(tmp_path, "x", ["train.compile_features=on"]).train
+    with pytest.raises(ValueError, match="train.compile_features=on needs a CUDA device"):
+        _compile_frozen_features(None, None, features, torch.device("cpu"))
+    disc = VectorDiscriminator(2)
+    _compile_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
+    assert disc._compiled_call_impl is None
     graphed = GraphedTeacher(teacher)  # off CUDA it is the model itself
     x, t = torch.randn(5, 2), torch.full((5,), 3.0)
     with torch.no_grad():
