@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,22 +100,32 @@ def redraw_near_zero_tensors(run_dir: Path, std: float = 0.02) -> int:
     return count
 
 
+def variant_config(name: str, out: Path, teacher: Path, common: list[str], steps: int, extra: Sequence[str] = ()):
+    """The CIFAR-10 CTM config of one variant, logging every step (its it/s are the timings)."""
+    return load_config(REPO / "configs" / "cifar10_ctm.yaml",
+                       common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
+                                                  f"train.steps={steps}", "train.log_every=1",
+                                                  f"train.ckpt_every={steps}", *extra])
+
+
+def step_timings(out: Path, warmup: int) -> tuple[list[dict], dict]:
+    """(the run's per-step log records, {s_per_step: median after warmup, warmup_s: sum of the first})."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "train/it_per_s" in r]
+    seconds = [1.0 / r["train/it_per_s"] for r in logged]
+    return logged, {"s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
+                    "warmup_s": sum(seconds[:warmup])}
+
+
 def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int) -> dict:
     out = work / name
-    config = load_config(REPO / "configs" / "cifar10_ctm.yaml",
-                         common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
-                                                    f"train.steps={steps}", "train.log_every=1",
-                                                    f"train.ckpt_every={steps}"])
+    config = variant_config(name, out, teacher, common, steps)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     train(config)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in rows if "train/it_per_s" in r]
-    seconds = [1.0 / r["train/it_per_s"] for r in logged]
-    return {"variant": name, "overrides": VARIANTS[name], "wall_s": wall,
-            "s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
-            "warmup_s": sum(seconds[:warmup]),
+    logged, timings = step_timings(out, warmup)
+    return {"variant": name, "overrides": VARIANTS[name], "wall_s": wall, **timings,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "loss_ctm": [r["train/loss_ctm"] for r in logged], "loss_dsm": [r["train/loss_dsm"] for r in logged],
             "loss_gan_g": [r.get("train/loss_gan") for r in logged]}
@@ -130,21 +141,15 @@ def run_ddp(name: str, work: Path, teacher: Path, common: list[str], steps: int,
     from ctm_core.config import config_to_dict
 
     out = work / f"{name}-ddp{world}"
-    config = load_config(REPO / "configs" / "cifar10_ctm.yaml",
-                         common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
-                                                    f"train.steps={steps}", "train.log_every=1",
-                                                    f"train.ckpt_every={steps}", f"data.batch_size={world * per_gpu}"])
+    config = variant_config(name, out, teacher, common, steps, [f"data.batch_size={world * per_gpu}"])
     config_file = work / f"{name}-ddp{world}.yaml"
     config_file.write_text(yaml.safe_dump(config_to_dict(config)))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                     "-m", "ctm_core.train", "--config", str(config_file)], cwd=REPO, check=True)
     wall = time.perf_counter() - start
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    seconds = [1.0 / r["train/it_per_s"] for r in rows if "train/it_per_s" in r]
     return {"variant": name, "world": world, "global_batch": world * per_gpu, "wall_s": wall,
-            "s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
-            "warmup_s": sum(seconds[:warmup])}
+            **step_timings(out, warmup)[1]}
 
 
 def main(argv=None) -> int:
@@ -202,24 +207,20 @@ def main(argv=None) -> int:
                 efficiency = "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.1f}%"
                 print(f"| {name} | {world} | {r['global_batch']} | {r['s_per_step']:.3f} | "
                       f"{r['global_batch'] / r['s_per_step']:.1f} | {efficiency} |", flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
-        return 0
-    for name in names:
-        results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup))
-        torch.cuda.empty_cache()
-
-    base = results["variants"][0]
-    print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
-          f"step-1 loss_ctm / loss_dsm / loss_gan rel. diff vs {base['variant']} |")
-    print("|---|---|---|---|---|---|")
-    for r in results["variants"]:
-        keys = ("loss_ctm", "loss_dsm", "loss_gan_g")
-        diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in keys]
-        r["step1_rel_diff"] = dict(zip(keys, diffs))
-        print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} | "
-              f"{r['peak_mem_gib']:.1f} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
+    else:
+        for name in names:
+            results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup))
+            torch.cuda.empty_cache()
+        base = results["variants"][0]
+        print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
+              f"step-1 loss_ctm / loss_dsm / loss_gan rel. diff vs {base['variant']} |")
+        print("|---|---|---|---|---|---|")
+        for r in results["variants"]:
+            keys = ("loss_ctm", "loss_dsm", "loss_gan_g")
+            diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in keys]
+            r["step1_rel_diff"] = dict(zip(keys, diffs))
+            print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} "
+                  f"| {r['peak_mem_gib']:.1f} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
