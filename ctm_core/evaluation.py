@@ -48,8 +48,7 @@ class Evaluator:
     def __post_init__(self) -> None:
         from .data import derived_seed
 
-        n = min(self.config.eval.num_samples, self.reference.shape[0]) if self.kind != "vector" \
-            else self.config.eval.num_samples
+        n = self.config.eval.num_samples  # not capped at the reference size: the samples' statistics need them
         gen = torch.Generator().manual_seed(derived_seed("eval-noise", self.config.seed))
         self.z = torch.randn((n, *self.reference.shape[1:]), generator=gen)
         self.metric = primary_metric(self.kind, self.config.data.spec)

@@ -95,3 +95,16 @@ class WeightSchedule:
         if match["adaptive"]:
             kwargs["adaptive"] = True
         return cls(**kwargs)
+
+
+def learning_rate(step: int, lr: float, warmup_steps: int, decay: Literal["none", "linear", "cosine"],
+                  total_steps: int) -> float:
+    """lr at `step` (0-based): linear warm-up over `warmup_steps`, then optionally decayed to 0 at
+    `total_steps`. A pure function of the step, so a resumed run sets exactly the lr it would have."""
+    if decay not in ("none", "linear", "cosine"):
+        raise ValueError(f"decay must be 'none', 'linear' or 'cosine', got {decay!r}")
+    value = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+    if decay == "none":
+        return value
+    done = min(1.0, step / max(1, total_steps))
+    return value * ((1 - done) if decay == "linear" else 0.5 * (1 + math.cos(math.pi * done)))

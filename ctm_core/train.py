@@ -36,6 +36,7 @@ from .losses import make_distance, sample_cd_times, sample_ctm_times, sample_dsm
 from .objective import DiscriminatorObjective, GeneratorObjective, MicroBatch, StepWeights
 from .parameterization import CTMModel
 from .process import karras_grid
+from .schedules import learning_rate
 from .teacher_graph import GraphedTeacher
 
 METRICS_FILE = "metrics.jsonl"
@@ -333,7 +334,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
             gan_on = d_objective is not None and weights.gan > 0
             micro = _microbatch_size(config, local_batch, gan_on)
             for group in optimizer.param_groups:
-                group["lr"] = config.optim.lr * min(1.0, (step + 1) / max(1, config.optim.warmup_steps))
+                group["lr"] = learning_rate(step, config.optim.lr, config.optim.warmup_steps, config.optim.decay,
+                                            config.train.steps)
             draw = _draw(config, step, meta["data_shape"], env.device)
             x_batch, y_batch = stream.take(x_all, y_all)
             offset = env.rank * local_batch

@@ -282,6 +282,19 @@ def test_weight_schedule_shapes():
     assert WeightSchedule.parse("off").is_off and WeightSchedule.parse("off").label() == "off"
 
 
+def test_learning_rate_warms_up_then_decays_to_zero():
+    from ctm_core.schedules import learning_rate
+
+    assert [learning_rate(s, 1.0, 4, "none", 100) for s in (0, 1, 3, 50, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    lin = [learning_rate(s, 2.0, 0, "linear", 100) for s in (0, 25, 50, 99)]
+    assert lin == pytest.approx([2.0, 1.5, 1.0, 0.02])
+    cos = [learning_rate(s, 2.0, 0, "cosine", 100) for s in (0, 50, 100)]
+    assert cos == pytest.approx([2.0, 1.0, 0.0], abs=1e-12)
+    assert learning_rate(2, 1.0, 10, "cosine", 100) < learning_rate(2, 1.0, 10, "none", 100)  # both apply
+    with pytest.raises(ValueError, match="decay"):
+        learning_rate(0, 1.0, 0, "step", 100)
+
+
 # ---------------------------------------------------------------------------------------------- dtypes, determinism
 
 def test_bf16_autocast_on_cpu(process):

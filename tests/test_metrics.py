@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -318,3 +319,20 @@ def test_energy_distance_with_precomputed_reference_term():
     # memoised by content: the same data gives the cached value, other data its own
     assert within_distance(y.clone()) == within_distance(y)
     assert within_distance(y * 2) == pytest.approx(2 * within_distance(y), rel=1e-12)
+
+
+def test_digits_evaluation_draws_more_samples_than_the_test_split(classifier_cache):
+    """eval.num_samples is not capped at the 359 test images: with that few samples the FD's
+    sampling bias (~4 here) swamps the differences between students."""
+    from ctm_core.config import load_config
+    from ctm_core.evaluation import Evaluator
+
+    cache, _ = classifier_cache
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits_teacher.yaml",
+                         overrides=["eval.num_samples=1400"])
+    test, train = load_dataset("digits", "test"), load_dataset("digits", "train")
+    evaluator = Evaluator(config, test.x, "image", torch.device("cpu"), cache_dir=str(cache))
+    assert evaluator.z.shape == (1400, 1, 8, 8) and test.x.shape[0] < 1400
+    score = evaluator._scorer  # the same scorer in-loop evaluation uses
+    few, many = score(train.x[:359])["fd_digits"], score(train.x[:1400])["fd_digits"]
+    assert 0 < many < 0.7 * few  # real training digits: only the sampling bias is left, and it shrinks
