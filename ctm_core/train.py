@@ -98,7 +98,6 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
     """On CUDA: compile the frozen teacher's backbone and replay its denoiser as a CUDA graph, the
     fastest variant that stays exact (benchmarks/RESULTS.md). The solver gets the result; evaluation
     keeps the plain model (other batch shapes would each capture a graph)."""
-    _refuse_cuda_only(loop, device, ("compile_teacher", "teacher_graphs"))
     if device.type != "cuda":
         return teacher
     if loop.compile_teacher != "off":
@@ -106,8 +105,9 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
     return GraphedTeacher(teacher) if loop.teacher_graphs != "off" else teacher
 
 
-def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device, flags: Sequence[str]) -> None:
-    for flag in flags:
+def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
+    """GPU-only accelerations forced 'on' without CUDA: refused before any data or network loads."""
+    for flag in ("compile_teacher", "teacher_graphs", "compile_features"):
         if getattr(loop, flag) == "on" and device.type != "cuda":
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
 
@@ -115,7 +115,6 @@ def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device, flags: Sequen
 def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
     """On CUDA: compile the frozen feature networks the step back-propagates through to its images
     (LPIPS's VGG16, the projected discriminator's backbones); the trainable heads stay eager."""
-    _refuse_cuda_only(loop, device, ("compile_features",))
     if device.type != "cuda" or loop.compile_features == "off":
         return
     if lpips is not None:
@@ -202,6 +201,7 @@ def _step_weights(config: TrainConfig, step: int) -> StepWeights:
 def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     started = time.perf_counter()
     env = init_distributed(config.runtime.device)
+    _refuse_cuda_only(config.train, env.device)
     out_dir = Path(config.runtime.out_dir)
     meta_set = load_dataset(config.data.spec, "train", seed=config.seed)
     meta = data_meta(meta_set)

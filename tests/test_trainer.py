@@ -270,13 +270,13 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
     assert _accelerate_teacher(teacher, config.train, torch.device("cpu")) is teacher  # auto: nothing on CPU
-    for flag in ("compile_teacher", "teacher_graphs"):
-        loop = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}", f"train.{flag}=on"]).train
-        with pytest.raises(ValueError, match=f"train.{flag}=on needs a CUDA device"):
-            _accelerate_teacher(teacher, loop, torch.device("cpu"))
-    features = _tiny(tmp_path, "x", ["train.compile_features=on"]).train
-    with pytest.raises(ValueError, match="train.compile_features=on needs a CUDA device"):
-        _compile_frozen_features(None, None, features, torch.device("cpu"))
+    for flag in ("compile_teacher", "teacher_graphs", "compile_features"):
+        for mode in ("edm", "ctm"):  # refused in every mode, with or without a teacher, before anything runs
+            forced = _tiny(tmp_path, f"forced-{mode}", [f"mode={mode}", f"teacher.checkpoint={teacher_dir}",
+                                                        f"train.{flag}=on"])
+            with pytest.raises(ValueError, match=f"train.{flag}=on needs a CUDA device"):
+                train(forced)
+            assert not (tmp_path / f"forced-{mode}").exists()
     disc = VectorDiscriminator(2)
     _compile_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
     assert disc._compiled_call_impl is None
