@@ -123,7 +123,7 @@ class OptimConfig:
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     warmup_steps: Annotated[int, Field(ge=0)] = 0
-    decay: Literal["none", "linear", "cosine"] = "none"   # to 0 at train.steps (short runs end sharper)
+    decay: Literal["none", "linear", "cosine"] = "none"   # after warm-up, to 0 at train.steps
     grad_clip: Optional[PositiveFloat] = None
 
 
