@@ -182,7 +182,7 @@ def _draw(config: TrainConfig, step: int, x_shape: tuple[int, ...], device: torc
 def _slice_draw(draw: dict[str, Any], lo: int, hi: int, x0: torch.Tensor, labels, device) -> MicroBatch:
     times = draw.get("times")
     if times is not None:
-        times = type(times)(times.t_idx[lo:hi].to(device), times.u_idx[lo:hi].to(device), times.s_idx[lo:hi].to(device))
+        times = times.rows(lo, hi, device)
     return MicroBatch(x0=x0, labels=labels, noise=draw["noise"][lo:hi].to(device), times=times,
                       dsm_noise=draw["dsm_noise"][lo:hi].to(device), dsm_t=draw["dsm_t"][lo:hi].to(device))
 

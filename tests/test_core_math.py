@@ -159,6 +159,41 @@ def test_gradients_reach_the_student_only(process, mixture):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_jumps_to_sigma_min_skip_the_identity_outer_call_exactly(process, mixture):
+    """s = sigma_min everywhere (s_strategy 'min', CD): the flagged draw gives the same loss and
+    student gradients as the unflagged one, with no target-network call outside the u -> s jump."""
+    grid = karras_grid(18, process, torch.float32)
+    student = make_tiny_model(process, seed=0)
+    with torch.no_grad():
+        student.backbone.out.bias.add_(0.3)  # student != target, so every call's output matters
+    target = EMABank(make_tiny_model(process, seed=2), [0.9])[0.9]
+    gen = torch.Generator().manual_seed(8)
+    x0, noise = mixture.sample(16, gen), torch.randn(16, 2, generator=gen)
+    flagged, _ = sample_ctm_times(16, 18, 17, gen, s_strategy="min")
+    assert flagged.s_at_end and not sample_ctm_times(16, 18, 17, gen)[0].s_at_end
+    assert sample_cd_times(4, 18, gen).s_at_end
+    plain = GridTimes(flagged.t_idx, flagged.u_idx, flagged.s_idx)
+    solver = _exact_solver(mixture, grid)
+    calls = []
+    target.backbone.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for times in (plain, flagged):
+        calls.clear()
+        student.zero_grad()
+        for inner in ("student", "target"):
+            loss, x_est = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner=inner)
+            loss.sum().backward()
+        results.append((loss.detach(), x_est.detach(), [p.grad.clone() for p in student.parameters()], len(calls)))
+    (loss_a, est_a, grads_a, calls_a), (loss_b, est_b, grads_b, calls_b) = results
+    assert calls_a == 5 and calls_b == 1  # 2 outer calls per loss, and the 'target' inner jump
+    assert torch.equal(loss_a, loss_b) and torch.equal(est_a, est_b)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(grads_a, grads_b))
+    # an explicit end other than sigma_min (the paper's 0) keeps the outer call
+    calls.clear()
+    ctm_loss(student, target, solver, x0, noise, flagged, grid, end_time=0.0)
+    assert len(calls) == 2
+
+
 def test_ctm_loss_refuses_a_trainable_target(process, mixture):
     grid = karras_grid(18, process, torch.float32)
     model = make_tiny_model(process)
