@@ -469,7 +469,10 @@ def check_step(setup: Setup, mb: MicroBatch) -> dict[str, torch.Tensor]:
         d_loss.backward()
         g_disc = torch.cat([p.grad.reshape(-1).double() for p in setup.discriminator.parameters()
                             if p.grad is not None])
-        out = {"loss": loss.detach().double().reshape(1), "x_est": x_est.detach().double(),
+        # the objective returns a surrogate with the loss's gradient; the loss itself is the logs' weighted sum
+        total = logs["loss_ctm"].double() + sum(logs[f"weight_{k}"].double() * logs[f"loss_{k}"].double()
+                                                for k in ("dsm", "gan") if f"loss_{k}" in logs)
+        out = {"loss": total.detach().reshape(1), "x_est": x_est.detach().double(),
                "grad_student": g_student, "loss_disc": d_loss.detach().double().reshape(1), "grad_disc": g_disc}
         out.update({f"log_{key}": v.detach().double().reshape(1) for key, v in logs.items()})
         out.update(term_gradients(setup, mb))
@@ -487,7 +490,7 @@ def term_gradients(setup: Setup, mb: MicroBatch) -> dict[str, torch.Tensor]:
     params = [p for p in student.parameters() if p.requires_grad]
     last = student.backbone.last_layer_weight()
     with autocast_ctx(setup):
-        l_ctm, x_est = ctm_loss(student, setup.target, g_obj._solver(None), mb.x0, mb.noise, mb.times, setup.grid,
+        l_ctm, x_est, _ = ctm_loss(student, setup.target, g_obj._solver(None), mb.x0, mb.noise, mb.times, setup.grid,
                                 g_obj.distance, cfg.ctm.target_inner)
         l_ctm = l_ctm.mean()
         l_dsm = dsm_loss(lambda x, tt: student.denoiser(x, tt), mb.x0, mb.dsm_t, mb.dsm_noise, cfg.loss.dsm.weighting,
@@ -604,10 +607,12 @@ def component_fns(setup: Setup, batch: int, k: int) -> dict[str, Callable[[], An
         setup.optimizer.step()
         setup.ema.update(setup.student)
 
-    # the adaptive weights run the backward of L_CTM (through LPIPS and the target) to the last
-    # layer once, shared by the DSM and GAN weights, plus one backward per balanced term
+    # the adaptive weights: the CTM and GAN terms' gradients at the student's jump y (back through
+    # LPIPS, the discriminator and the target, once each), then last-layer norms from y and of L_DSM;
+    # the step's final backward then starts at y (ctm_core.objective)
     with amp():  # the forward graph the adaptive weights differentiate (built once, kept)
-        x_e = setup.target.jump(setup.student.jump(x_t, t, s), s, end)
+        y0 = setup.student.jump(x_t, t, s)
+        x_e = setup.target.jump(y0, s, end)
         l_ctm = setup.g_objective.distance(x_e, x_other).mean()
         l_dsm = dsm_loss(lambda x, tt: setup.student.denoiser(x, tt), mb.x0, mb.dsm_t, mb.dsm_noise,
                          cfg.loss.dsm.weighting, setup.student.process.sigma_data).mean()
@@ -615,9 +620,11 @@ def component_fns(setup: Setup, batch: int, k: int) -> dict[str, Callable[[], An
 
     def adaptive_weights():
         last = setup.student.backbone.last_layer_weight()
-        ctm_norm = last_layer_grad_norm(l_ctm, last)
-        adaptive_weight(ctm_norm, l_dsm, last)
-        adaptive_weight(ctm_norm, l_gan, last)
+        g_ctm, = torch.autograd.grad(l_ctm, y0, retain_graph=True)
+        g_gan, = torch.autograd.grad(l_gan, y0, retain_graph=True)
+        ctm_norm = last_layer_grad_norm(y0, last, g_ctm)
+        adaptive_weight(ctm_norm, last_layer_grad_norm(y0, last, g_gan))
+        adaptive_weight(ctm_norm, last_layer_grad_norm(l_dsm, last))
 
     return {"host_draw": host_draw, "teacher_solver": teacher_solver, "student_fwd_bwd": student_fwd_bwd,
             "target_fwd_bwd_input": target_fwd_bwd_input, "target_branch_no_grad": target_branch_no_grad,

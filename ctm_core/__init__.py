@@ -4,7 +4,7 @@ Orchestration (Ray Tune, SLURM, MLflow) wraps this package; nothing here imports
 """
 from .ema import EMABank
 from .gmm import GaussianMixture
-from .losses import (GridTimes, adaptive_weight, ctm_loss, discriminator_loss, dsm_loss, edm_loss_weight,
+from .losses import (CTMTerms, GridTimes, adaptive_weight, ctm_loss, discriminator_loss, dsm_loss, edm_loss_weight,
                      gan_discriminator_loss, generator_adversarial_loss, last_layer_grad_norm,
                      gan_generator_loss, l1_distance, l2_distance, make_distance, pseudo_huber_distance,
                      sample_cd_times, sample_ctm_times, sample_dsm_times)

@@ -6,7 +6,7 @@ Randomness comes in through explicit torch.Generator arguments, never global sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +151,19 @@ def sample_cd_times(batch: int, num_points: int, generator: torch.Generator | No
     return GridTimes(n.to(device), (n + 1).to(device), torch.full_like(n, num_points - 1).to(device), True)
 
 
+class CTMTerms(NamedTuple):
+    """What the CTM loss computes: the per-sample distance, the estimate x_est the GAN term judges,
+    and the student's jump G_student(x_t, t, s), the only place where gradients enter the student."""
+
+    distance: Tensor
+    x_est: Tensor
+    jump: Tensor
+
+
 def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, noise: Tensor,
              times: GridTimes, grid: Tensor, distance: Distance = l2_distance,
              target_inner: Literal["student", "target"] = "student", end_time: float | None = None,
-             class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             class_labels: Tensor | None = None) -> CTMTerms:
     """Soft consistency matching, built as the official code builds it.
 
         x_est    = G_target(G_student(x_t, t, s), s, end)               (gradient through both calls,
@@ -164,8 +173,8 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     G_inner is the online student under stop-grad (official code, target_inner='student') or the
     EMA target (the paper's text, target_inner='target'). `end` defaults to sigma_min as in the
     code (the paper writes 0). With s = end and u = the next grid point and target_inner='target'
-    this is consistency distillation. Returns (d(x_est, x_target) per sample, x_est), x_est being
-    what the GAN term judges. Where every s is sigma_min (times.s_at_end) and `end` is sigma_min too,
+    this is consistency distillation. Returns d(x_est, x_target) per sample, x_est and the student's
+    jump (CTMTerms). Where every s is sigma_min (times.s_at_end) and `end` is sigma_min too,
     the outer jumps are the identity G(x, s, s) = x and are skipped: the same numbers, two target
     network calls (and a backward through one) fewer per step.
     """
@@ -179,12 +188,13 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     x_t = x0 + broadcast_time(t, x0) * noise
     outer_is_identity = times.s_at_end and end == student.process.sigma_min
     to_end = (lambda x: x) if outer_is_identity else (lambda x: target.jump(x, s, end, class_labels))
-    x_est = to_end(student.jump(x_t, t, s, class_labels))
+    jump = student.jump(x_t, t, s, class_labels)
+    x_est = to_end(jump)
     with torch.no_grad():
         x_u = solver(x_t, times.t_idx, times.u_idx)
         inner = student if target_inner == "student" else target
         x_target = to_end(inner.jump(x_u, u, s, class_labels))
-    return distance(x_est, x_target), x_est
+    return CTMTerms(distance(x_est, x_target), x_est, jump)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,20 +218,22 @@ def gan_discriminator_loss(real_logits: Sequence[Tensor], fake_logits: Sequence[
 # ----------------------------------------------------------------------------------------------
 # Weighting
 
-def last_layer_grad_norm(loss: Tensor, last_layer: Tensor) -> Tensor:
-    """||d loss / d W|| at the last layer W (the graph is kept for the real backward pass)."""
-    grad, = torch.autograd.grad(loss, last_layer, retain_graph=True)
+def last_layer_grad_norm(output: Tensor, last_layer: Tensor, grad_output: Tensor | None = None) -> Tensor:
+    """||d <output, grad_output> / d W|| at the last layer W: of a scalar loss (grad_output None), or of
+    a term whose gradient grad_output at an intermediate output is already known (the graph is kept
+    for the real backward pass)."""
+    grad, = torch.autograd.grad(output, last_layer, grad_output, retain_graph=True)
     return grad.norm()
 
 
-def adaptive_weight(reference_norm: Tensor, loss: Tensor, last_layer: Tensor,
-                    min_value: float = 0.0, max_value: float = 1e4, eps: float = 1e-4) -> Tensor:
-    """reference_norm / (||d loss / d W|| + eps) at the last layer W, clamped and detached.
+def adaptive_weight(reference_norm: Tensor, term_norm: Tensor, min_value: float = 0.0, max_value: float = 1e4,
+                    eps: float = 1e-4) -> Tensor:
+    """reference_norm / (term_norm + eps), clamped and detached: both norms are last-layer gradient
+    norms (last_layer_grad_norm), the reference the CTM term's, computed once per step.
 
     Balances a term against the CTM loss without tuning its scale (VQGAN; the official code).
-    reference_norm = last_layer_grad_norm(L_CTM, W), computed once per step for every balanced term.
     """
-    return (reference_norm / (last_layer_grad_norm(loss, last_layer) + eps)).clamp(min_value, max_value).detach()
+    return (reference_norm / (term_norm + eps)).clamp(min_value, max_value).detach()
 
 
 def discriminator_loss(discriminator: Callable[[Tensor], Sequence[Tensor]], real: Tensor, fake: Tensor) -> Tensor:

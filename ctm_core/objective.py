@@ -66,7 +66,8 @@ class GeneratorObjective(nn.Module):
         return lambda x, ti, ui: solve_on_grid(denoiser, x, self.grid, ti, ui, method, max_steps)
 
     def forward(self, batch: MicroBatch, weights: StepWeights) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
-        """Returns (loss per microbatch sample, summed; detached logs; x_est for the discriminator)."""
+        """Returns (a scalar whose gradient is the batch-summed objective's; detached logs; x_est for
+        the discriminator). Its value is not the loss: the logs carry each term."""
         cfg, student = self.config, self.student
         denoiser = lambda x, t: student.denoiser(x, t, batch.labels)
         logs: dict[str, Tensor] = {}
@@ -77,28 +78,43 @@ class GeneratorObjective(nn.Module):
             return l_dsm.sum(), logs, None
 
         target_inner = "target" if cfg.mode == "cd" else cfg.ctm.target_inner
-        l_ctm, x_est = ctm_loss(student, self._frozen["target"], self._solver(batch.labels), batch.x0, batch.noise,
-                                batch.times, self.grid, self.distance, target_inner, class_labels=batch.labels)
-        l_ctm = l_ctm.mean()
-        total = weights.ctm * l_ctm
+        terms = ctm_loss(student, self._frozen["target"], self._solver(batch.labels), batch.x0, batch.noise,
+                         batch.times, self.grid, self.distance, target_inner, class_labels=batch.labels)
+        l_ctm = terms.distance.mean()
         logs["loss_ctm"] = l_ctm.detach()
+        l_gan = generator_adversarial_loss(self._frozen["discriminator"], terms.x_est) if weights.gan > 0 else None
         last = student.backbone.last_layer_weight()
-        ctm_norm = None  # ||grad L_CTM|| at the last layer: one backward pass shared by both adaptive weights
-        if (weights.dsm > 0 and weights.dsm_adaptive) or (weights.gan > 0 and weights.gan_adaptive):
-            ctm_norm = last_layer_grad_norm(l_ctm, last)
+        # The CTM and GAN terms reach the student only through its jump y (through the distance, the
+        # target network and the discriminator). Their gradients at y are taken once each; the adaptive
+        # weights need only y's last layer, and the student is back-propagated once from y by the
+        # surrogate <sg(dL/dy), y>, which has the objective's gradient. The plain way walks back
+        # through the frozen networks once per adaptive weight and again in the final backward.
+        y = terms.jump
+        ctm_norm = None  # ||grad L_CTM|| at the last layer, shared by both adaptive weights
+        if (weights.dsm > 0 and weights.dsm_adaptive) or (l_gan is not None and weights.gan_adaptive):
+            g_ctm, = torch.autograd.grad(l_ctm, y, retain_graph=l_gan is not None)  # x_est's graph serves l_gan too
+            ctm_norm = last_layer_grad_norm(y, last, g_ctm)
+            grad_y = weights.ctm * g_ctm
+            if l_gan is not None:
+                g_gan, = torch.autograd.grad(l_gan, y)
+                w = adaptive_weight(ctm_norm, last_layer_grad_norm(y, last, g_gan), *weights.gan_clamp) \
+                    if weights.gan_adaptive else 1.0
+                grad_y = grad_y + weights.gan * w * g_gan
+        else:
+            w = 1.0
+            grad_y, = torch.autograd.grad(weights.ctm * l_ctm + (weights.gan * l_gan if l_gan is not None else 0.0), y)
+        if l_gan is not None:
+            logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w).detach()
+        total = (y * grad_y.detach()).sum()
         if weights.dsm > 0:
             l_dsm = dsm_loss(denoiser, batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
                              student.process.sigma_data).mean()
-            w = adaptive_weight(ctm_norm, l_dsm, last, *weights.dsm_clamp) if weights.dsm_adaptive else 1.0
+            w = adaptive_weight(ctm_norm, last_layer_grad_norm(l_dsm, last), *weights.dsm_clamp) \
+                if weights.dsm_adaptive else 1.0
             total = total + weights.dsm * w * l_dsm
             logs["loss_dsm"], logs["weight_dsm"] = l_dsm.detach(), torch.as_tensor(weights.dsm * w).detach()
-        if weights.gan > 0:
-            l_gan = generator_adversarial_loss(self._frozen["discriminator"], x_est)
-            w = adaptive_weight(ctm_norm, l_gan, last, *weights.gan_clamp) if weights.gan_adaptive else 1.0
-            total = total + weights.gan * w * l_gan
-            logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w).detach()
-        # the caller scales by microbatch / local batch, so this returns a batch-summed loss
-        return total * batch.x0.shape[0], logs, x_est.detach()
+        # the caller scales by microbatch / local batch, so this returns a batch-summed surrogate loss
+        return total * batch.x0.shape[0], logs, terms.x_est.detach()
 
 
 class DiscriminatorObjective(nn.Module):

@@ -115,9 +115,9 @@ def test_ctm_loss_vanishes_for_exact_flow_and_grows_when_perturbed(mixture, proc
 
     perturbed = Perturbed(mixture, process)
     # exact solver: zero up to integration tolerance; the 18-point Heun solver: zero up to its error
-    loss_exact, _ = ctm_loss(exact, exact, exact_solver, x0, noise, times, grid, l2_distance)
-    loss_heun, _ = ctm_loss(exact, exact, _exact_solver(mixture, grid), x0, noise, times, grid, l2_distance)
-    loss_p, _ = ctm_loss(perturbed, exact, exact_solver, x0, noise, times, grid, l2_distance)
+    loss_exact = ctm_loss(exact, exact, exact_solver, x0, noise, times, grid, l2_distance).distance
+    loss_heun = ctm_loss(exact, exact, _exact_solver(mixture, grid), x0, noise, times, grid, l2_distance).distance
+    loss_p = ctm_loss(perturbed, exact, exact_solver, x0, noise, times, grid, l2_distance).distance
     assert loss_exact.mean() < 1e-14, loss_exact.mean()
     assert loss_heun.mean() < 1e-3, loss_heun.mean()
     assert loss_p.mean() > 1e-3 and loss_p.mean() > 10 * loss_heun.mean()
@@ -133,13 +133,13 @@ def test_ctm_loss_with_student_target_choice(process, mixture):
     t_idx = torch.arange(8)
     times = GridTimes(t_idx, t_idx + 3, t_idx + 6)  # s < u, so the u -> s jump matters
     solver = _exact_solver(mixture, grid)
-    a, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student")
-    b, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target")
+    a = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student").distance
+    b = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target").distance
     assert torch.allclose(a, b)  # target == student at initialisation
     with torch.no_grad():
         student.backbone.out.bias.add_(0.3)
-    a, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student")
-    b, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target")
+    a = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="student").distance
+    b = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner="target").distance
     assert not torch.allclose(a, b)
 
 
@@ -152,7 +152,7 @@ def test_gradients_reach_the_student_only(process, mixture):
     x0, noise = mixture.sample(16, gen), torch.randn(16, 2, generator=gen)
     times, _ = sample_ctm_times(16, 18, 17, gen)
     solver = lambda x, ti, ui: solve_on_grid(teacher.denoiser, x, grid, ti, ui, "heun")
-    loss, _ = ctm_loss(student, bank[0.999], solver, x0, noise, times, grid)
+    loss = ctm_loss(student, bank[0.999], solver, x0, noise, times, grid).distance
     loss.mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in bank.parameters())
@@ -181,7 +181,7 @@ def test_jumps_to_sigma_min_skip_the_identity_outer_call_exactly(process, mixtur
         calls.clear()
         student.zero_grad()
         for inner in ("student", "target"):
-            loss, x_est = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner=inner)
+            loss, x_est, _ = ctm_loss(student, target, solver, x0, noise, times, grid, target_inner=inner)
             loss.sum().backward()
         results.append((loss.detach(), x_est.detach(), [p.grad.clone() for p in student.parameters()], len(calls)))
     (loss_a, est_a, grads_a, calls_a), (loss_b, est_b, grads_b, calls_b) = results
@@ -428,7 +428,7 @@ def test_gan_losses_update_only_their_own_side(process, mixture):
     gen = torch.Generator().manual_seed(14)
     x0, noise = mixture.sample(16, gen), torch.randn(16, 2, generator=gen)
     times, _ = sample_ctm_times(16, 18, 17, gen)
-    _, x_est = ctm_loss(student, target, _exact_solver(mixture, grid), x0, noise, times, grid)
+    x_est = ctm_loss(student, target, _exact_solver(mixture, grid), x0, noise, times, grid).x_est
 
     generator_adversarial_loss(disc, x_est).backward(retain_graph=True)
     assert all(p.grad is None for p in disc.parameters())
@@ -447,6 +447,63 @@ def test_adaptive_weight_is_the_clamped_ratio_of_last_layer_gradient_norms():
     reference, term = (3 * w).sum(), (w ** 2).sum()  # grads (3, 3) and (2, 4)
     ref_norm = last_layer_grad_norm(reference, w)
     assert ref_norm.item() == pytest.approx(18 ** 0.5)
-    assert adaptive_weight(ref_norm, term, w, eps=0.0).item() == pytest.approx((18 / 20) ** 0.5)
-    assert adaptive_weight(ref_norm, term, w, min_value=0.01, max_value=0.5, eps=0.0).item() == pytest.approx(0.5)
-    assert not adaptive_weight(ref_norm, term, w).requires_grad
+    term_norm = last_layer_grad_norm(term, w)
+    assert adaptive_weight(ref_norm, term_norm, eps=0.0).item() == pytest.approx((18 / 20) ** 0.5)
+    assert adaptive_weight(ref_norm, term_norm, min_value=0.01, max_value=0.5, eps=0.0).item() == pytest.approx(0.5)
+    assert not adaptive_weight(ref_norm, term_norm).requires_grad
+    # through an intermediate output y = w * (5, 7) whose gradient is known: d<y, g>/dw = g * (5, 7)
+    y = w * torch.tensor([5.0, 7.0])
+    assert last_layer_grad_norm(y, w, torch.tensor([1.0, 2.0])).item() == pytest.approx((25 + 196) ** 0.5)
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_generator_objective_has_the_plain_objectives_gradient(process, mixture, adaptive):
+    """The objective back-propagates the student once from its jump (surrogate <sg(dL/dy), y>); its
+    gradient and logged weights must equal the textbook sum lambda_CTM L_CTM + w_DSM L_DSM + w_GAN L_GAN
+    with VQGAN weights from each term's own last-layer gradient."""
+    from ctm_core import adaptive_weight, dsm_loss, generator_adversarial_loss, last_layer_grad_norm
+    from ctm_core.config import load_config
+    from ctm_core.discriminators import VectorDiscriminator
+    from ctm_core.objective import GeneratorObjective, MicroBatch, StepWeights
+
+    cfg = load_config(overrides=["mode=ctm", "data.spec=toy:gmm2d_8", "teacher.checkpoint=unused"])
+    grid = karras_grid(cfg.ctm.num_points, process, torch.float32)
+    student = make_tiny_model(process, seed=0)
+    teacher = make_tiny_model(process, seed=1).requires_grad_(False)
+    target = EMABank(make_tiny_model(process, seed=2), [0.9])[0.9]
+    disc = VectorDiscriminator(2, hidden=16, depth=2)
+    gen = torch.Generator().manual_seed(9)
+    b = 32
+    times, _ = sample_ctm_times(b, cfg.ctm.num_points, cfg.ctm.max_steps, gen)
+    mb = MicroBatch(x0=mixture.sample(b, gen), labels=None, noise=torch.randn(b, 2, generator=gen), times=times,
+                    dsm_noise=torch.randn(b, 2, generator=gen), dsm_t=sample_dsm_times(b, process, gen))
+    weights = StepWeights(ctm=1.0, dsm=0.7, gan=0.3, dsm_adaptive=adaptive, gan_adaptive=adaptive,
+                          dsm_clamp=(0.0, 1e4), gan_clamp=(0.0, 1e4))
+    objective = GeneratorObjective(student, cfg, grid, l2_distance, target, teacher, disc)
+    loss, logs, _ = objective(mb, weights)
+    (loss / b).backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+
+    student.zero_grad()
+    solver = lambda x, ti, ui: solve_on_grid(teacher.denoiser, x, grid, ti, ui, "heun", cfg.ctm.max_steps)
+    terms = ctm_loss(student, target, solver, mb.x0, mb.noise, times, grid, l2_distance, cfg.ctm.target_inner)
+    l_ctm = terms.distance.mean()
+    l_dsm = dsm_loss(student.denoiser, mb.x0, mb.dsm_t, mb.dsm_noise, cfg.loss.dsm.weighting,
+                     process.sigma_data).mean()
+    l_gan = generator_adversarial_loss(disc, terms.x_est)
+    last = student.backbone.last_layer_weight()
+    w_dsm, w_gan = torch.tensor(1.0), torch.tensor(1.0)
+    if adaptive:
+        ref = last_layer_grad_norm(l_ctm, last)
+        w_dsm = adaptive_weight(ref, last_layer_grad_norm(l_dsm, last))
+        w_gan = adaptive_weight(ref, last_layer_grad_norm(l_gan, last))
+        assert 0.05 < w_dsm < 20 and 0.05 < w_gan < 20 and not torch.isclose(w_dsm, w_gan)
+    (l_ctm + 0.7 * w_dsm * l_dsm + 0.3 * w_gan * l_gan).backward()
+    for got, want in zip(grads, (p.grad for p in student.parameters())):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got - want).abs().max()
+    assert logs["weight_dsm"].item() == pytest.approx(0.7 * w_dsm.item(), rel=1e-5)
+    assert logs["weight_gan"].item() == pytest.approx(0.3 * w_gan.item(), rel=1e-5)
+    assert logs["loss_ctm"].item() == pytest.approx(l_ctm.item(), rel=1e-6)
+    assert all(p.grad is None for p in disc.parameters()) and all(p.grad is None for p in target.parameters())
+
+
