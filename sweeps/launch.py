@@ -291,6 +291,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    # 2. A local launch's teacher starts training now, in its own process, before the MLflow import and
+    #    the store: it is the launch's critical path (it is cancelled below if de-duplication leaves
+    #    nothing to run; a daemon process, it dies with the launcher on any error before that).
+    teacher_job = None
+    teacher_start = time.time()
+    if not args.dry_run and backend not in _cluster_backends():
+        from sweeps.trial import TeacherJob
+
+        teacher_job = TeacherJob(plan).start()
+
     from sweeps import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri, spec.tracking.get("uri"))
@@ -316,14 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dry run: nothing started")
         return 0
 
-    # 2. The teacher starts training now, in its own process (it is cancelled below if de-duplication
-    #    leaves nothing to run), then the store, de-duplication and the parent run.
-    teacher_job = None
-    teacher_start = time.time()
-    if backend not in _cluster_backends():
-        from sweeps.trial import TeacherJob
-
-        teacher_job = TeacherJob(plan).start()
+    # 3. The store, de-duplication and the parent run.
     experiment_id = tracking.ensure_experiment(uri, experiment)
     if args.resume:
         skipped = {}
@@ -392,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = True
     try:
         if to_run:
-            # 3. The teacher (once per sweep root, cached by its config hash) trains in a thread while
+            # 4. The teacher (once per sweep root, cached by its config hash) trains in a process while
             #    Ray and the first trial actors start; the trials wait for it (sweeps.trial.wait_for_teacher).
             from sweeps import ray_backend
 
@@ -446,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state["timings"] = timings
         _write_state(plan, state)
 
-    # 4. Close the parent run and print the table.
+    # 5. Close the parent run and print the table.
     runs = [r for r in tracking.children(uri, experiment_id, parent)
             if not (tracking.REUSED_FROM in r.data.tags and r.data.tags.get("ctmlab.config_hash") in skipped)]
     done = {r.data.tags.get("ctmlab.config_hash") for r in runs
