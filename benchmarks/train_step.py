@@ -277,7 +277,7 @@ class Setup:
             for m in model.modules():
                 if isinstance(m, UNetBlock):
                     m.dropout = self.config.model.dropout if on else 0.0
-        self.discriminator.diffaug_policy = ("color", "translation", "cutout") if on else ()
+        self.discriminator.diffaug.policy = ("color", "translation", "cutout") if on else ()
 
 
 # ----------------------------------------------------------------------------------------------

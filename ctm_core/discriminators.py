@@ -106,6 +106,20 @@ def diff_augment(
     return x
 
 
+class DiffAugment(nn.Module):
+    """diff_augment with its settings, shared by the image discriminators; an empty policy is off.
+    No parameters or buffers: checkpoints are the same with or without it."""
+
+    def __init__(self, policy: Sequence[str] | None = DIFFAUG_POLICY, translation_ratio: float = 0.125,
+                 cutout_ratio: float = 0.2):
+        super().__init__()
+        self.policy = tuple(policy) if policy else ()
+        self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.policy, self.translation_ratio, self.cutout_ratio) if self.policy else x
+
+
 # ----------------------------------------------------------------------------
 # Frozen feature networks.
 
@@ -383,9 +397,7 @@ class ProjectedDiscriminator(nn.Module):
             for ch, res in zip(mixer.out_channels, net.resolutions):
                 self.heads.append(PatchHead(ch, res, head_width, head_max_width, num_classes=num_classes))
         self.num_classes = num_classes
-        self.diffaug_policy = tuple(diffaug_policy) if diffaug_policy else ()
-        self.translation_ratio = translation_ratio
-        self.cutout_ratio = cutout_ratio
+        self.diffaug = DiffAugment(diffaug_policy, translation_ratio, cutout_ratio)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -399,8 +411,8 @@ class ProjectedDiscriminator(nn.Module):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"x must have shape (B, 1 or 3, H, W), got {tuple(x.shape)}")
         _check_class_labels(class_labels, self.num_classes, x.shape[0])
-        if augment and self.diffaug_policy:
-            x = diff_augment(x, self.diffaug_policy, self.translation_ratio, self.cutout_ratio)
+        if augment:
+            x = self.diffaug(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         logits = []
@@ -473,8 +485,7 @@ class PatchDiscriminator(nn.Module):
                 raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
         self.head = PatchHead(channels, resolution, width, max_width, min_resolution=4, num_classes=num_classes)
         self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
-        self.diffaug_policy = tuple(diffaug_policy) if diffaug_policy else ()
-        self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
+        self.diffaug = DiffAugment(diffaug_policy, translation_ratio, cutout_ratio)
 
     def forward(self, x: torch.Tensor, class_labels: torch.Tensor | None = None,
                 augment: bool = True) -> list[torch.Tensor]:
@@ -482,8 +493,8 @@ class PatchDiscriminator(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         _check_class_labels(class_labels, self.num_classes, x.shape[0])
-        if augment and self.diffaug_policy:
-            x = diff_augment(x, self.diffaug_policy, self.translation_ratio, self.cutout_ratio)
+        if augment:
+            x = self.diffaug(x)
         return [self.head(x, class_labels)]
 
 
