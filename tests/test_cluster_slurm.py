@@ -184,7 +184,9 @@ def test_requeued_ddp_trial_resumes_from_its_checkpoint_in_the_same_mlflow_run(s
     """Two interruptions of one 2-task DDP trial: `scontrol requeue` (as an admin or preemption would),
     then SIGUSR2 (what SLURM sends before the time limit), which goes through submitit's handler:
     TrialJob.checkpoint() resubmits the trial and the job requeues itself."""
-    steps, log_every, ckpt_every = 600, 20, 25
+    # submitit ignores the SIGTERM of `scontrol requeue`, so an attempt trains on for KillWait (5 s) before
+    # SIGKILL: the trial must outlast that by far, or the first attempt finishes (~100 steps/s here).
+    steps, log_every, ckpt_every = 3000, 20, 25
     sweep = _sweep_file(tmp_path, "slurm_requeue", batch=64, hidden=32, steps=steps, log_every=log_every,
                         ckpt_every=ckpt_every, gpus=2)
     root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
