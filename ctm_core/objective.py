@@ -91,28 +91,28 @@ class GeneratorObjective(nn.Module):
         # through the frozen networks once per adaptive weight and again in the final backward.
         y = terms.jump
         ctm_norm = None  # ||grad L_CTM|| at the last layer, shared by both adaptive weights
+        w_gan, w_dsm = 1.0, 1.0
         if (weights.dsm > 0 and weights.dsm_adaptive) or (l_gan is not None and weights.gan_adaptive):
             g_ctm, = torch.autograd.grad(l_ctm, y, retain_graph=l_gan is not None)  # x_est's graph serves l_gan too
             ctm_norm = last_layer_grad_norm(y, last, g_ctm)
             grad_y = weights.ctm * g_ctm
             if l_gan is not None:
                 g_gan, = torch.autograd.grad(l_gan, y)
-                w = adaptive_weight(ctm_norm, last_layer_grad_norm(y, last, g_gan), *weights.gan_clamp) \
-                    if weights.gan_adaptive else 1.0
-                grad_y = grad_y + weights.gan * w * g_gan
+                if weights.gan_adaptive:
+                    w_gan = adaptive_weight(ctm_norm, last_layer_grad_norm(y, last, g_gan), *weights.gan_clamp)
+                grad_y = grad_y + weights.gan * w_gan * g_gan
         else:
-            w = 1.0
             grad_y, = torch.autograd.grad(weights.ctm * l_ctm + (weights.gan * l_gan if l_gan is not None else 0.0), y)
         if l_gan is not None:
-            logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w).detach()
+            logs["loss_gan"], logs["weight_gan"] = l_gan.detach(), torch.as_tensor(weights.gan * w_gan).detach()
         total = (y * grad_y.detach()).sum()
         if weights.dsm > 0:
             l_dsm = dsm_loss(denoiser, batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
                              student.process.sigma_data).mean()
-            w = adaptive_weight(ctm_norm, last_layer_grad_norm(l_dsm, last), *weights.dsm_clamp) \
-                if weights.dsm_adaptive else 1.0
-            total = total + weights.dsm * w * l_dsm
-            logs["loss_dsm"], logs["weight_dsm"] = l_dsm.detach(), torch.as_tensor(weights.dsm * w).detach()
+            if weights.dsm_adaptive:
+                w_dsm = adaptive_weight(ctm_norm, last_layer_grad_norm(l_dsm, last), *weights.dsm_clamp)
+            total = total + weights.dsm * w_dsm * l_dsm
+            logs["loss_dsm"], logs["weight_dsm"] = l_dsm.detach(), torch.as_tensor(weights.dsm * w_dsm).detach()
         # the caller scales by microbatch / local batch, so this returns a batch-summed surrogate loss
         return total * batch.x0.shape[0], logs, terms.x_est.detach()
 
