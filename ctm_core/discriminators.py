@@ -107,11 +107,11 @@ def diff_augment(
 
 
 class DiffAugment(nn.Module):
-    """diff_augment with its settings, shared by the image discriminators; an empty policy is off.
-    No parameters or buffers: checkpoints are the same with or without it."""
+    """diff_augment with its settings, shared by the image discriminators (their defaults differ, so
+    they pass all three); an empty policy is off. No parameters or buffers: checkpoints are the same
+    with or without it."""
 
-    def __init__(self, policy: Sequence[str] | None = DIFFAUG_POLICY, translation_ratio: float = 0.125,
-                 cutout_ratio: float = 0.2):
+    def __init__(self, policy: Sequence[str] | None, translation_ratio: float, cutout_ratio: float):
         super().__init__()
         self.policy = tuple(policy) if policy else ()
         self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
