@@ -406,7 +406,7 @@ class Batches:
         n = torch.randint(0, n_pts - k, (b,), generator=self.gen)
         u = n + k
         s = u + (torch.rand(b, generator=self.gen, dtype=torch.float64) * (n_pts - u)).long()
-        return GridTimes(n, u, s)
+        return GridTimes(n, u, s, steps=k)
 
 
 def train_step(setup: Setup, batches: Batches, step: int, k: int, micro: int, gan: bool) -> dict[str, float]:
@@ -490,7 +490,7 @@ def term_gradients(setup: Setup, mb: MicroBatch) -> dict[str, torch.Tensor]:
     params = [p for p in student.parameters() if p.requires_grad]
     last = student.backbone.last_layer_weight()
     with autocast_ctx(setup):
-        l_ctm, x_est, _ = ctm_loss(student, setup.target, g_obj._solver(None), mb.x0, mb.noise, mb.times, setup.grid,
+        l_ctm, x_est, _ = ctm_loss(student, setup.target, g_obj._solver(None, mb.times.steps), mb.x0, mb.noise, mb.times, setup.grid,
                                 g_obj.distance, cfg.ctm.target_inner)
         l_ctm = l_ctm.mean()
         l_dsm = dsm_loss(lambda x, tt: student.denoiser(x, tt), mb.x0, mb.dsm_t, mb.dsm_noise, cfg.loss.dsm.weighting,
@@ -558,7 +558,7 @@ def component_fns(setup: Setup, batch: int, k: int) -> dict[str, Callable[[], An
     def teacher_solver():
         with torch.no_grad(), amp():
             solve_on_grid(lambda x, tt: teacher.denoiser(x, tt, None), x_t, grid, mb.times.t_idx, mb.times.u_idx,
-                          cfg.teacher.solver, cfg.ctm.max_steps)
+                          cfg.teacher.solver, cfg.ctm.max_steps, mb.times.steps)
 
     def student_fwd_bwd():
         with amp():

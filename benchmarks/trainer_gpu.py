@@ -24,7 +24,8 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
                torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones)
     eager-features  defaults with train.compile_features=off
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off
-    compiled   defaults + train.compile=true (the student's backbone too)
+    compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
+    nchw       defaults with train.channels_last=off (NCHW activations and weights)
 """
 from __future__ import annotations
 
@@ -48,13 +49,14 @@ sys.path.insert(0, str(REPO))
 from ctm_core.checkpoint import atomic_save, list_checkpoints, load_checkpoint  # noqa: E402
 from ctm_core.config import load_config  # noqa: E402
 from ctm_core.pretrained import WEIGHTS  # noqa: E402
-from ctm_core.train import train  # noqa: E402
+from ctm_core.train import Callback, train  # noqa: E402
 
 VARIANTS = {
     "defaults": [],
     "eager-features": ["train.compile_features=off"],
     "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off"],
     "compiled": ["train.compile=true"],
+    "nchw": ["train.channels_last=off"],
 }
 
 
@@ -108,23 +110,96 @@ def variant_config(name: str, out: Path, teacher: Path, common: list[str], steps
                                                   f"train.ckpt_every={steps}", *extra])
 
 
-def step_timings(out: Path, warmup: int) -> tuple[list[dict], dict]:
-    """(the run's per-step log records, {s_per_step: median after warmup, warmup_s: sum of the first})."""
+def step_timings(out: Path, warmup: int, until: int | None = None) -> tuple[list[dict], dict]:
+    """(the run's per-step log records, {s_per_step: median of steps warmup..until, warmup_s: sum of the first})."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train/it_per_s" in r]
     seconds = [1.0 / r["train/it_per_s"] for r in logged]
-    return logged, {"s_per_step": statistics.median(seconds[warmup:]) if seconds[warmup:] else float("nan"),
+    timed = seconds[warmup:until]
+    return logged, {"s_per_step": statistics.median(timed) if timed else float("nan"),
                     "warmup_s": sum(seconds[:warmup])}
 
 
-def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int) -> dict:
+class ProfilerStepper(Callback):
+    """Advances a torch.profiler schedule once per training step (the trainer logs every step here)."""
+
+    def __init__(self, profiler):
+        self.profiler = profiler
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "train/it_per_s" in metrics:
+            self.profiler.step()
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def profile_summary(profiler, steps: int) -> str:
+    """What the GPU did during the profiled steps: how busy it was (the rest is the host's launch
+    overhead and syncs), the step's labelled parts (record_function in ctm_core) and the top kernels."""
+    from torch.autograd import DeviceType
+
+    events = profiler.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    lines = []
+    if kernels:
+        window = max(b for _, b in kernels) - min(a for a, _ in kernels)
+        busy = _union_us(kernels)
+        lines.append(f"profiled steps: {steps}; GPU window {window / 1e3 / steps:.1f} ms/step, busy "
+                     f"{busy / 1e3 / steps:.1f} ms/step ({100 * busy / window:.1f}%), "
+                     f"{len(kernels) / steps:.0f} kernels/step")
+    averages = profiler.key_averages()
+    device_total = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+    labelled = sorted((e for e in averages if e.key.split("/")[0] in ("train", "ctm", "gan", "dsm", "objective")),
+                      key=lambda e: e.key)
+    lines.append("\nlabelled ranges (per step): host ms, GPU ms of the kernels launched inside (backward passes "
+                 "run on autograd's thread and count under train/backward only where launched there)")
+    for e in labelled:
+        lines.append(f"  {e.key:32s} calls {e.count / steps:5.1f}  host {e.cpu_time_total / 1e3 / steps:8.1f} ms  "
+                     f"GPU {device_total(e) / 1e3 / steps:8.1f} ms")
+    sort = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    lines.append("\n" + averages.table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    return "\n".join(lines)
+
+
+def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int,
+                profile_steps: int = 0, profile_out: Path | None = None) -> dict:
+    """One trainer run; with profile_steps, its last profile_steps steps run under torch.profiler
+    (left out of s/step) and a summary (plus a Chrome trace) is written next to profile_out."""
     out = work / name
     config = variant_config(name, out, teacher, common, steps)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    train(config)
+    if profile_steps:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     schedule=schedule(skip_first=steps - profile_steps - 1, wait=0, warmup=1,
+                                       active=profile_steps, repeat=1)) as profiler:
+            train(config, [ProfilerStepper(profiler)])
+        summary = profile_summary(profiler, profile_steps)
+        print(summary)
+        if profile_out is not None:
+            profile_out.parent.mkdir(parents=True, exist_ok=True)
+            (profile_out.parent / f"{profile_out.stem}_profile_{name}.txt").write_text(summary)
+            trace = work / f"trace_{name}.json"
+            profiler.export_chrome_trace(str(trace))
+            import gzip
+            import shutil
+
+            with open(trace, "rb") as src, gzip.open(profile_out.parent / f"{profile_out.stem}_trace_{name}.json.gz",
+                                                      "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    else:
+        train(config)
     wall = time.perf_counter() - start
-    logged, timings = step_timings(out, warmup)
+    logged, timings = step_timings(out, warmup, steps - profile_steps - 1 if profile_steps else None)
     return {"variant": name, "overrides": VARIANTS[name], "wall_s": wall, **timings,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "loss_ctm": [r["train/loss_ctm"] for r in logged], "loss_dsm": [r["train/loss_dsm"] for r in logged],
@@ -160,6 +235,12 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="defaults,plain")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--ddp", default="", help="GPU counts to run each variant on under torchrun, e.g. 1,2")
+    parser.add_argument("--flops-per-step", type=float, default=0.0,
+                        help="FLOPs of one step at the batch (train_step.py counts them: 1.097e14 at E[k], batch 64); "
+                             "with it the bf16 matmul ceiling is measured here and the table gives MFU")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile each variant's last N steps (torch.profiler; left out of s/step); the summary "
+                             "and a Chrome trace go next to --out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/trainer_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -167,6 +248,9 @@ def main(argv=None) -> int:
     worlds = [int(w) for w in args.ddp.split(",") if w]
     if any(w < 1 or w > torch.cuda.device_count() for w in worlds):
         print(f"--ddp {args.ddp}: this node has {torch.cuda.device_count()} GPU(s)", file=sys.stderr)
+        return 2
+    if args.profile_steps and args.steps < args.warmup + args.profile_steps + 2:
+        print(f"--profile-steps {args.profile_steps}: needs --steps >= warmup + profile steps + 2", file=sys.stderr)
         return 2
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
@@ -194,6 +278,11 @@ def main(argv=None) -> int:
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "steps": args.steps, "variants": []}
+    if args.flops_per_step:
+        from train_step import bf16_ceiling
+
+        results["bf16_ceiling"] = bf16_ceiling(torch.device("cuda"))
+        results["flops_per_step"] = args.flops_per_step
     if worlds:
         results["ddp"] = []
         print(f"| variant | GPUs | global batch | s/step (median after {args.warmup}) | img/s | scaling efficiency |")
@@ -209,18 +298,23 @@ def main(argv=None) -> int:
                       f"{r['global_batch'] / r['s_per_step']:.1f} | {efficiency} |", flush=True)
     else:
         for name in names:
-            results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup))
+            results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup,
+                                                   args.profile_steps, args.out or Path("trainer_gpu.json")))
             torch.cuda.empty_cache()
         base = results["variants"][0]
+        ceiling = results.get("bf16_ceiling", {}).get("tflops")
         print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
+              f"MFU{f' (ceiling {ceiling:.0f} TFLOP/s)' if ceiling else ''} | "
               f"step-1 loss_ctm / loss_dsm / loss_gan rel. diff vs {base['variant']} |")
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for r in results["variants"]:
             keys = ("loss_ctm", "loss_dsm", "loss_gan_g")
             diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in keys]
             r["step1_rel_diff"] = dict(zip(keys, diffs))
+            r["mfu"] = args.flops_per_step / r["s_per_step"] / (ceiling * 1e12) if ceiling else None
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
             print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} "
-                  f"| {r['peak_mem_gib']:.1f} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
+                  f"| {r['peak_mem_gib']:.1f} | {mfu} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

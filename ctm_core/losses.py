@@ -11,6 +11,7 @@ from typing import Callable, Literal, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from .parameterization import CTMModel
 from .process import VEProcess, broadcast_time, karras_time
@@ -90,8 +91,16 @@ def dsm_loss(denoiser: Callable[[Tensor, Tensor], Tensor], x0: Tensor, t: Tensor
     """
     if weighting not in ("edm", "uniform"):
         raise ValueError(f"weighting must be 'edm' or 'uniform', got {weighting!r}")
-    x_t = x0 + broadcast_time(t, x0) * noise
-    err = l2_distance(denoiser(x_t, t), x0)
+    return dsm_error(denoiser(x0 + broadcast_time(t, x0) * noise, t), x0, t, weighting, sigma_data)
+
+
+def dsm_error(denoised: Tensor, x0: Tensor, t: Tensor, weighting: Literal["edm", "uniform"] = "edm",
+              sigma_data: float = 0.5) -> Tensor:
+    """dsm_loss from the denoiser's output D(x0 + t noise, t), for callers that computed it themselves
+    (the CTM objective runs it in one network call with the student's jump)."""
+    if weighting not in ("edm", "uniform"):
+        raise ValueError(f"weighting must be 'edm' or 'uniform', got {weighting!r}")
+    err = l2_distance(denoised, x0)
     return err * edm_loss_weight(t, sigma_data).to(err.dtype) if weighting == "edm" else err
 
 
@@ -105,17 +114,20 @@ class GridTimes:
     s_at_end: every s is the grid's last point, sigma_min (s_strategy 'min', CD). Known when the
     indices are drawn on the host, so the loss can skip the outer jump s -> sigma_min, the identity
     G(x, s, s) = x, without reading the indices back from the device.
+    steps: the solver's step count u_idx - t_idx, the same for every sample of a draw (k; CD: 1),
+    so the teacher's solver need not read the indices back either (None: not known).
     """
 
     t_idx: Tensor
     u_idx: Tensor
     s_idx: Tensor
     s_at_end: bool = False
+    steps: int | None = None
 
     def rows(self, lo: int, hi: int, device: torch.device | str) -> "GridTimes":
         """A microbatch's slice, on its device."""
         return GridTimes(self.t_idx[lo:hi].to(device), self.u_idx[lo:hi].to(device), self.s_idx[lo:hi].to(device),
-                         self.s_at_end)
+                         self.s_at_end, self.steps)
 
 
 def sample_ctm_times(batch: int, num_points: int, max_steps: int, generator: torch.Generator | None = None,
@@ -139,7 +151,7 @@ def sample_ctm_times(batch: int, num_points: int, max_steps: int, generator: tor
         s = torch.full_like(u, num_points - 1)
     else:
         s = u + (torch.rand(batch, generator=generator, dtype=torch.float64) * (num_points - u)).long()
-    return GridTimes(n.to(device), u.to(device), s.to(device), s_strategy == "min"), k
+    return GridTimes(n.to(device), u.to(device), s.to(device), s_strategy == "min", k), k
 
 
 def sample_cd_times(batch: int, num_points: int, generator: torch.Generator | None = None,
@@ -148,7 +160,7 @@ def sample_cd_times(batch: int, num_points: int, generator: torch.Generator | No
     if num_points < 2:
         raise ValueError(f"num_points (N) must be >= 2, got {num_points}")
     n = torch.randint(0, num_points - 1, (batch,), generator=generator)
-    return GridTimes(n.to(device), (n + 1).to(device), torch.full_like(n, num_points - 1).to(device), True)
+    return GridTimes(n.to(device), (n + 1).to(device), torch.full_like(n, num_points - 1).to(device), True, 1)
 
 
 class CTMTerms(NamedTuple):
@@ -163,7 +175,8 @@ class CTMTerms(NamedTuple):
 def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, noise: Tensor,
              times: GridTimes, grid: Tensor, distance: Distance = l2_distance,
              target_inner: Literal["student", "target"] = "student", end_time: float | None = None,
-             class_labels: Tensor | None = None) -> CTMTerms:
+             class_labels: Tensor | None = None,
+             student_jump: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> CTMTerms:
     """Soft consistency matching, built as the official code builds it.
 
         x_est    = G_target(G_student(x_t, t, s), s, end)               (gradient through both calls,
@@ -174,7 +187,8 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     EMA target (the paper's text, target_inner='target'). `end` defaults to sigma_min as in the
     code (the paper writes 0). With s = end and u = the next grid point and target_inner='target'
     this is consistency distillation. Returns d(x_est, x_target) per sample, x_est and the student's
-    jump (CTMTerms). Where every s is sigma_min (times.s_at_end) and `end` is sigma_min too,
+    jump (CTMTerms). `student_jump(x_t, t, s)` replaces the student's own jump (labels included)
+    where a caller computes it with more in the same network call. Where every s is sigma_min (times.s_at_end) and `end` is sigma_min too,
     the outer jumps are the identity G(x, s, s) = x and are skipped: the same numbers, two target
     network calls (and a backward through one) fewer per step.
     """
@@ -188,13 +202,17 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     x_t = x0 + broadcast_time(t, x0) * noise
     outer_is_identity = times.s_at_end and end == student.process.sigma_min
     to_end = (lambda x: x) if outer_is_identity else (lambda x: target.jump(x, s, end, class_labels))
-    jump = student.jump(x_t, t, s, class_labels)
-    x_est = to_end(jump)
+    with record_function("ctm/estimate"):
+        jump = student.jump(x_t, t, s, class_labels) if student_jump is None else student_jump(x_t, t, s)
+        x_est = to_end(jump)
     with torch.no_grad():
-        x_u = solver(x_t, times.t_idx, times.u_idx)
-        inner = student if target_inner == "student" else target
-        x_target = to_end(inner.jump(x_u, u, s, class_labels))
-    return CTMTerms(distance(x_est, x_target), x_est, jump)
+        with record_function("ctm/solver"):
+            x_u = solver(x_t, times.t_idx, times.u_idx)
+        with record_function("ctm/target"):
+            inner = student if target_inner == "student" else target
+            x_target = to_end(inner.jump(x_u, u, s, class_labels))
+    with record_function("ctm/distance"):
+        return CTMTerms(distance(x_est, x_target), x_est, jump)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ diffusion teacher. The scalings depend on t only, as in the official code.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .process import VEProcess, broadcast_time, check_jump_times, check_time_range
@@ -50,9 +51,21 @@ class CTMModel(nn.Module):
 
     def jump(self, x: Tensor, t: Tensor | float, s: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """G(x_t, t, s): the PF-ODE solution at time s, starting from x_t at time t."""
-        tb, sb = broadcast_time(t, x), broadcast_time(s, x)
-        ratio = sb / tb
-        return ratio * x + (1 - ratio) * self.denoise(x, t, s, class_labels)
+        return _euler_mix(x, t, s, self.denoise(x, t, s, class_labels))
+
+    def jump_and_denoise(self, x: Tensor, t: Tensor | float, s: Tensor | float, x_dsm: Tensor, t_dsm: Tensor,
+                         class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(G(x, t, s), g(x_dsm, t_dsm, t_dsm)) from one network call on both batches stacked.
+
+        The CTM step needs both from the student; one call at twice the batch launches half the
+        kernels, and on a GPU the step is bound by launching them. Each sample's result is the
+        same as from its own call: nothing in the network mixes samples."""
+        n = x.shape[0]
+        times = torch.cat([broadcast_time(t, x).reshape(-1), t_dsm])
+        targets = torch.cat([broadcast_time(s, x).reshape(-1), t_dsm])
+        labels = None if class_labels is None else torch.cat([class_labels, class_labels])
+        both = self.denoise(torch.cat([x, x_dsm]), times, targets, labels)
+        return _euler_mix(x, t, s, both[:n]), both[n:]
 
     def denoiser(self, x: Tensor, t: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         """g(x_t, t, t): the diffusion denoiser D(x_t, t) the CTM network carries."""
@@ -63,3 +76,8 @@ class CTMModel(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float, s: Tensor | float, class_labels: Tensor | None = None) -> Tensor:
         return self.jump(x, t, s, class_labels)
 
+
+def _euler_mix(x: Tensor, t: Tensor | float, s: Tensor | float, denoised: Tensor) -> Tensor:
+    """G = (s/t) x + (1 - s/t) g: the jump's outer Euler step from the network's estimate g."""
+    ratio = broadcast_time(s, x) / broadcast_time(t, x)
+    return ratio * x + (1 - ratio) * denoised

@@ -41,13 +41,14 @@ def heun_step(denoiser: Denoiser, x: Tensor, t: Tensor, t_next: Tensor) -> Tenso
 _STEPS = {"euler": euler_step, "heun": heun_step}
 
 
-def solve_path(denoiser: Denoiser, x: Tensor, path: Tensor, method: SolverName = "heun") -> Tensor:
+def solve_path(denoiser: Denoiser, x: Tensor, path: Tensor, method: SolverName = "heun",
+               check_path: bool = True) -> Tensor:
     """Integrate along per-sample time paths (S+1, B), S steps in all."""
     if method not in _STEPS:
         raise ValueError(f"method must be one of {sorted(_STEPS)}, got {method!r}")
     if path.ndim != 2 or path.shape[1] != x.shape[0]:
         raise ValueError(f"path must have shape (steps+1, {x.shape[0]}), got {tuple(path.shape)}")
-    if torch.any(path[1:] > path[:-1]):
+    if check_path and torch.any(path[1:] > path[:-1]):  # a host sync: grid paths skip it
         raise ValueError("path must be non-increasing in time (the solver integrates towards the data)")
     step = _STEPS[method]
     for i in range(path.shape[0] - 1):
@@ -55,19 +56,23 @@ def solve_path(denoiser: Denoiser, x: Tensor, path: Tensor, method: SolverName =
     return x
 
 
-def grid_path(grid: Tensor, start_idx: Tensor, end_idx: Tensor, max_steps: int | None = None) -> Tensor:
+def grid_path(grid: Tensor, start_idx: Tensor, end_idx: Tensor, max_steps: int | None = None,
+              num_steps: int | None = None) -> Tensor:
     """Per-sample paths along the grid from index start_idx to end_idx (both (B,) long).
 
     Sample b takes end_idx[b] - start_idx[b] grid steps; the path is padded with its end time.
+    num_steps: the largest of those, where the caller drew the indices on the host and knows it
+    (GridTimes.steps); the indices are then not read back from the device to check them.
     """
     if start_idx.shape != end_idx.shape or start_idx.ndim != 1:
         raise ValueError("start_idx and end_idx must be 1-D tensors of equal shape")
-    if torch.any(start_idx < 0) or torch.any(end_idx >= len(grid)):
-        raise ValueError(f"grid indices must lie in [0, {len(grid) - 1}]")
     steps = end_idx - start_idx
-    if torch.any(steps < 0):
-        raise ValueError("end_idx must be >= start_idx (u must not be noisier than t)")
-    num_steps = int(steps.max().item()) if steps.numel() else 0
+    if num_steps is None:
+        if torch.any(start_idx < 0) or torch.any(end_idx >= len(grid)):
+            raise ValueError(f"grid indices must lie in [0, {len(grid) - 1}]")
+        if torch.any(steps < 0):
+            raise ValueError("end_idx must be >= start_idx (u must not be noisier than t)")
+        num_steps = int(steps.max().item()) if steps.numel() else 0
     if max_steps is not None and num_steps > max_steps:
         raise ValueError(f"max_steps={max_steps} is exceeded: a sample needs {num_steps} solver steps")
     offsets = torch.arange(num_steps + 1, device=start_idx.device)[:, None]
@@ -76,7 +81,9 @@ def grid_path(grid: Tensor, start_idx: Tensor, end_idx: Tensor, max_steps: int |
 
 
 def solve_on_grid(denoiser: Denoiser, x: Tensor, grid: Tensor, start_idx: Tensor, end_idx: Tensor,
-                  method: SolverName = "heun", max_steps: int | None = None) -> Tensor:
-    """Solve each sample from grid[start_idx] to grid[end_idx]: the CTM teacher's t -> u segment."""
-    path = grid_path(grid, start_idx, end_idx, max_steps).to(x.dtype)
-    return solve_path(denoiser, x, path, method)
+                  method: SolverName = "heun", max_steps: int | None = None, num_steps: int | None = None) -> Tensor:
+    """Solve each sample from grid[start_idx] to grid[end_idx]: the CTM teacher's t -> u segment.
+    A grid path never increases (the grid decreases and grid_path checks the indices, or the host
+    drew them), so solve_path does not check it again."""
+    path = grid_path(grid, start_idx, end_idx, max_steps, num_steps).to(x.dtype)
+    return solve_path(denoiser, x, path, method, check_path=False)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from . import checkpoint as ckpt
 from .builders import build_discriminator, build_model, build_optimizer, data_meta
@@ -239,7 +240,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     if not config.loss.lambda_gan.is_off and config.mode != "edm":
         discriminator = build_discriminator(config.gan, meta, config.runtime.cache_dir).to(env.device)
         d_params = [p for p in discriminator.parameters() if p.requires_grad]
-        d_optimizer = torch.optim.Adam(d_params, lr=config.gan.lr, betas=tuple(config.gan.betas))
+        d_optimizer = torch.optim.Adam(d_params, lr=config.gan.lr, betas=tuple(config.gan.betas),
+                                       fused=env.device.type == "cuda")
     lpips = None
     if config.ctm.distance == "lpips":
         from .lpips_distance import LPIPSDistance
@@ -286,8 +288,10 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     solver_teacher = None if teacher is None else _accelerate_teacher(teacher, config.train, env.device)
     g_objective = GeneratorObjective(student, config, grid, distance, target, solver_teacher, discriminator)
     d_objective = DiscriminatorObjective(discriminator) if discriminator is not None else None
-    if config.train.compile:
+    if config.train.compile:  # the two U-Nets the step differentiates through: the student and the EMA target
         student.backbone.compile()
+        if config.mode != "edm":
+            target.backbone.compile()
     if env.is_distributed:
         g_objective = DistributedDataParallel(g_objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if d_objective is not None:
@@ -310,7 +314,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
                                 (config.runtime.progress == "auto" and sys.stderr.isatty()))
     from tqdm.auto import tqdm
     bar = tqdm(total=config.train.steps, initial=start_step, disable=not show_bar, desc=config.mode, dynamic_ncols=True)
-    log_sums: dict[str, float] = {}
+    log_sums: dict[str, torch.Tensor] = {}
     log_count, t_last, last_ckpt, last_metrics = 0, time.perf_counter(), resumed_from, {}
     local_batch = stream.local_batch_size
 
@@ -346,38 +350,43 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
                 mb = _slice_draw(draw, offset + lo, offset + hi, x_batch[lo:hi],
                                  None if y_batch is None else y_batch[lo:hi], env.device)
                 sync = hi >= local_batch or not env.is_distributed
-                with (nullcontext() if sync else g_objective.no_sync()), autocast():
+                with (nullcontext() if sync else g_objective.no_sync()), autocast(), record_function("train/objective"):
                     loss, logs, x_est = g_objective(mb, weights)
-                (loss / local_batch).backward()
+                with record_function("train/backward"):
+                    (loss / local_batch).backward()
                 if gan_on:
                     fakes.append((mb.x0, x_est))
                 for k, v in logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * (hi - lo) / local_batch
+                    _accumulate(logs_sum, k, v, (hi - lo) / local_batch)
             if config.optim.grad_clip:
-                logs_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), config.optim.grad_clip))
-            optimizer.step()
-            ema.update(student)
+                _accumulate(logs_sum, "grad_norm", torch.nn.utils.clip_grad_norm_(student.parameters(),
+                                                                                  config.optim.grad_clip), 1.0)
+            with record_function("train/optimizer_and_ema"):
+                optimizer.step()
+                ema.update(student)
             if gan_on:
-                d_optimizer.zero_grad(set_to_none=True)
-                for i, (real, fake) in enumerate(fakes):
-                    sync = i == len(fakes) - 1 or not env.is_distributed
-                    with (nullcontext() if sync else d_objective.no_sync()), autocast():
-                        d_loss = d_objective(real, fake)
-                    (d_loss / local_batch).backward()
-                    logs_sum["loss_disc"] = logs_sum.get("loss_disc", 0.0) + float(d_loss.detach()) / local_batch
-                d_optimizer.step()
+                with record_function("train/discriminator"):
+                    d_optimizer.zero_grad(set_to_none=True)
+                    for i, (real, fake) in enumerate(fakes):
+                        sync = i == len(fakes) - 1 or not env.is_distributed
+                        with (nullcontext() if sync else d_objective.no_sync()), autocast():
+                            d_loss = d_objective(real, fake)
+                        (d_loss / local_batch).backward()
+                        _accumulate(logs_sum, "loss_disc", d_loss, 1.0 / local_batch)
+                    d_optimizer.step()
             step += 1
             for k, v in logs_sum.items():
-                log_sums[k] = log_sums.get(k, 0.0) + v
+                _accumulate(log_sums, k, v, 1.0)
             log_count += 1
             bar.update(1)
 
             if step % config.train.log_every == 0 or step == config.train.steps:
-                means = {f"train/{k}": v / log_count for k, v in log_sums.items()}
+                packed = torch.stack([v.to(env.device) for v in log_sums.values()]) / log_count \
+                    if log_sums else torch.zeros(0, dtype=torch.float64, device=env.device)
                 if env.is_distributed:
-                    packed = torch.tensor(list(means.values()), dtype=torch.float64, device=env.device)
                     dist.all_reduce(packed)
-                    means = dict(zip(means, (packed / env.world_size).tolist()))
+                    packed = packed / env.world_size
+                means = dict(zip((f"train/{k}" for k in log_sums), packed.tolist()))  # the host's one wait per log
                 now = time.perf_counter()
                 means["train/it_per_s"] = log_count / max(now - t_last, 1e-9)
                 means["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -423,6 +432,13 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         for cb in callbacks:
             cb.on_end(result)
     return result
+
+
+def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor | float, weight: float) -> None:
+    """sums[key] += weight * value, in float64 on the value's device: a float() per value and microbatch
+    would make the host wait for the GPU several times a step."""
+    value = torch.as_tensor(value).detach().to(torch.float64) * weight
+    sums[key] = sums[key] + value if key in sums else value  # 0-dim: a CPU value joins a CUDA sum, no copy
 
 
 def _emit(metrics_file, callbacks: Sequence[Callback], step: int, metrics: dict[str, float]) -> None:

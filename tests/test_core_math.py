@@ -507,3 +507,47 @@ def test_generator_objective_has_the_plain_objectives_gradient(process, mixture,
     assert all(p.grad is None for p in disc.parameters()) and all(p.grad is None for p in target.parameters())
 
 
+
+
+def test_jump_and_denoise_in_one_call_equal_the_two_calls(process):
+    """The CTM objective gets the student's jump and its DSM denoiser from one network call on the
+    stacked batch; per sample that must be exactly what the two calls give (labels included)."""
+    from ctm_core.networks import UNetBackbone
+    from ctm_core.parameterization import CTMModel
+
+    torch.manual_seed(0)
+    backbone = UNetBackbone(img_resolution=8, in_channels=3, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                            attn_resolutions=(4,), num_classes=4)
+    with torch.no_grad():
+        backbone.last_layer_weight().normal_(0, 0.1)
+    model = CTMModel(backbone, process).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, x_dsm = torch.randn(3, 3, 8, 8, generator=gen), torch.randn(3, 3, 8, 8, generator=gen)
+    t, t_dsm = torch.tensor([5.0, 1.0, 0.3]), torch.tensor([0.1, 2.0, 40.0])
+    s = t * torch.tensor([0.5, 0.0, 0.9])
+    labels = torch.tensor([0, 3, 1])
+    jump, denoised = model.jump_and_denoise(x, t, s, x_dsm, t_dsm, labels)
+    torch.testing.assert_close(jump, model.jump(x, t, s, labels), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(denoised, model.denoiser(x_dsm, t_dsm, labels), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(denoised, model.denoiser(x_dsm, t_dsm, labels.flip(0)), atol=1e-4), "labels matter"
+
+
+def test_host_known_solver_steps_give_the_same_solution(mixture, process):
+    """The draws record the solver's step count on the host (k; CD: 1), so the teacher's solver does
+    not read the indices back from the device; the solution must not change, and a wrong count would."""
+    from ctm_core.losses import sample_cd_times
+
+    grid = karras_grid(18, process, torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    times, k = sample_ctm_times(64, 18, 17, gen)
+    assert times.steps == k and bool(((times.u_idx - times.t_idx) == k).all())
+    assert times.rows(3, 9, "cpu").steps == k
+    cd = sample_cd_times(8, 18, gen)
+    assert cd.steps == 1 and bool(((cd.u_idx - cd.t_idx) == 1).all())
+    x = torch.randn(64, 2, generator=gen, dtype=torch.float64) * grid[times.t_idx][:, None]
+    checked = solve_on_grid(mixture.denoiser, x, grid, times.t_idx, times.u_idx, "heun", 17)
+    trusted = solve_on_grid(mixture.denoiser, x, grid, times.t_idx, times.u_idx, "heun", 17, times.steps)
+    torch.testing.assert_close(trusted, checked, rtol=0, atol=0)
+    if k > 1:
+        short = solve_on_grid(mixture.denoiser, x, grid, times.t_idx, times.u_idx, "heun", 17, k - 1)
+        assert not torch.allclose(short, checked)

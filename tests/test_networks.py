@@ -350,3 +350,23 @@ def test_bad_mlp_constructor_arguments(kwargs, arg):
     cfg.update(kwargs)
     with pytest.raises(ValueError, match=arg):
         MLPBackbone(**cfg)
+
+
+def test_group_norm_keeps_bf16_under_autocast_with_fp32_statistics():
+    """Under CUDA's bf16 autocast torch would upcast each activation to fp32 for the norm (and the
+    next convolution would cast it back): the U-Net's GroupNorm returns its input's dtype, with the
+    statistics still accumulated in fp32 (an offset mean would show it)."""
+    from ctm_core.networks.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = 3.0 + 2.0 * torch.randn(2, 16, 8, 8)  # an offset mean: fp32 statistics matter
+    ref = torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+    torch.testing.assert_close(norm(x), ref)  # fp32 in, fp32 out: a plain GroupNorm

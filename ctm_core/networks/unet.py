@@ -32,12 +32,25 @@ def _init_xavier(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def _group_norm(channels: int, eps: float) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm in its input's precision, as EDM runs it.
+
+    bf16 autocast would upcast every activation to fp32 for the norm and cast it back for the next
+    convolution: two extra copies of each activation, in the forward and in the backward. The
+    kernel accumulates the statistics in fp32 either way, so only the output's rounding differs,
+    and the next convolution rounds its input to bf16 anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def _group_norm(channels: int, eps: float) -> GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels, always a divisor of `channels`."""
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
 
 
 def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Where the GPU time of a profiled training step goes: a Chrome trace from
+`benchmarks/trainer_gpu.py --profile-steps N` summed by the step's labelled ranges
+(record_function in ctm_core: ctm/solver, ctm/estimate, ...; backward kernels count under the
+range the main thread was in when autograd launched them, marked [bwd]) and by the aten op that
+launched each kernel, with copies attributed to the op that asked for them (autocast casts,
+memory-format conversions).
+
+    python benchmarks/trace_regions.py TRACE.json.gz STEPS
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import gzip
+import json
+import sys
+
+PREFIXES = ("ctm/", "gan/", "dsm/", "objective/", "train/")
+COPY_CHAIN = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone")
+
+
+def main(path: str, steps: int) -> None:
+    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op":
+            ops[e["tid"]].append(e)
+    for lst in ops.values():
+        lst.sort(key=lambda e: (e["ts"], -e["dur"]))
+    starts = {tid: [e["ts"] for e in lst] for tid, lst in ops.items()}
+    ranges = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(PREFIXES)]
+
+    def stack(tid: int, ts: float) -> list[str]:
+        lst, i = ops.get(tid, []), bisect.bisect_right(starts.get(tid, []), ts)
+        return [e["name"] for e in reversed(lst[max(0, i - 400):i]) if e["ts"] <= ts <= e["ts"] + e["dur"]][::-1]
+
+    def region(tid: int, ts: float) -> str:
+        inside = [e for e in ranges if e["ts"] <= ts <= e["ts"] + e["dur"]]
+        own = [e for e in inside if e["tid"] == tid]
+        chosen = own or inside  # autograd's thread has no ranges: the main thread's innermost one
+        return min(chosen, key=lambda e: e["dur"])["name"] if chosen else "?"
+
+    by_region, by_op, count = collections.Counter(), collections.Counter(), collections.Counter()
+    total = 0.0
+    for k in kernels:
+        total += k["dur"]
+        launch = launches.get(k["args"].get("correlation"))
+        if launch is None:
+            by_op["<launch not found>"] += k["dur"]
+            continue
+        names = stack(launch["tid"], launch["ts"])
+        backward = launch["tid"] != min(ops) and not [r for r in ranges if r["tid"] == launch["tid"]]
+        where = region(launch["tid"], launch["ts"]) + (" [bwd]" if backward else "")
+        by_region[where] += k["dur"]
+        aten = [n for n in names if n.startswith("aten::")]
+        if aten and aten[-1] == "aten::copy_":
+            asked = [n for n in aten if n not in COPY_CHAIN]
+            key = "copy <- " + (asked[-1] if asked else next((n for n in reversed(names) if not n.startswith("aten::")), "?"))
+        else:
+            key = aten[0] if aten else f"{names[-1] if names else launch['name']} in {where}"  # e.g. CUDA graphs
+        by_op[key] += k["dur"]
+        count[key] += 1
+    print(f"kernel time {total / 1e3 / steps:.1f} ms/step")
+    print("\nby labelled range (ms/step):")
+    for name, us in by_region.most_common(30):
+        print(f"  {us / 1e3 / steps:8.1f}  {name}")
+    print("\nby launching aten op, copies by the op that asked for them (ms/step, kernels/step):")
+    for name, us in by_op.most_common(40):
+        print(f"  {us / 1e3 / steps:8.1f}  {count[name] / steps:7.0f}  {name}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], int(sys.argv[2]))
