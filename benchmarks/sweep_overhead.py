@@ -97,6 +97,13 @@ def main(argv=None) -> int:
          f"{sum(gaps):.1f} s; {statistics.median(gaps):.2f} s" if slots == 1 and gaps else "-"),
         ("  last trial's end -> exit (Ray shutdown, table)", f"{t0 + wall - spans[-1][1]:.1f} s"),
     ]
+    if "tune_done" in timings:
+        shutdown = timings.get("ray_shutdown_s", 0.0)
+        breakdown += [
+            ("    last trial's end -> Tuner.fit returns", f"{timings['tune_done'] - spans[-1][1]:.1f} s"),
+            ("    Tuner.fit returns -> exit (MLflow bookkeeping, table)", f"{t0 + wall - timings['tune_done']:.1f} s"),
+            ("    of it, ray.shutdown() alongside (a thread)", f"{shutdown:.1f} s"),
+        ]
 
     rows = [
         ("sweep", f"{args.name} (smoke), {len(trials)} trials, {slots} at once"),

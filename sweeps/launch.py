@@ -19,6 +19,7 @@ import time
 T_COMMAND = time.time()  # before the heavy imports: "time from command to first training step"
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
@@ -216,6 +217,17 @@ def _complete_out_dir(trial: Trial) -> bool:
 # Main
 
 
+def _shutdown_ray(timings: dict[str, Any]) -> None:
+    import ray
+
+    started = time.time()
+    try:
+        ray.shutdown()
+    except Exception as err:  # noqa: BLE001 -- the sweep is done; Ray's atexit hook tries again
+        print(f"warning: ray.shutdown() failed: {type(err).__name__}: {err}", file=sys.stderr)
+    timings["ray_shutdown_s"] = time.time() - started
+
+
 def _subcommand(argv: list[str]) -> int | None:
     """`status NAME`: the cluster helper's table (works for any backend)."""
     if not argv or argv[0] != "status":
@@ -326,8 +338,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dry run: nothing started")
         return 0
 
-    # 3. The store, de-duplication and the parent run.
-    experiment_id = tracking.ensure_experiment(uri, experiment)
+    # 3. A local launch starts Ray now, while a helper thread opens (or creates) the MLflow store: each
+    #    takes seconds, mostly waiting, and the first trial actors should be up before the teacher is
+    #    done. If de-duplication then leaves nothing to run, Ray is shut down again.
+    ray_env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+               "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+               "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    ray_ready = None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
+        store = pool.submit(tracking.ensure_experiment, uri, experiment)
+        if backend not in _cluster_backends():
+            from sweeps import ray_backend
+
+            ray_backend.start_ray(backend if backend.startswith("ray://") else None, plan.root, args.num_cpus,
+                                  args.num_gpus, ray_env)
+            ray_ready = time.time()
+        experiment_id = store.result()
+
+    # 4. De-duplication and the parent run.
     if args.resume:
         skipped = {}
         reused_ids = state.get("skipped", {})
@@ -388,29 +416,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if skipped:  # the reused trials become children of this launch too (idempotent on --resume)
         tracking.record_reused(uri, experiment_id, parent, trials, skipped)
     timings = dict(state.get("timings", {}))
-    timings.update({"command": T_COMMAND, "teacher_start": teacher_start})
+    timings.update({"command": T_COMMAND, "teacher_start": teacher_start, "ray_ready": ray_ready})
     if not to_run and teacher_job is not None:
         teacher_job.cancel()
+        import ray
 
-    ok = True
+        ray.shutdown()
+
+    ok, ray_down = True, None
     try:
         if to_run:
-            # 4. The teacher (once per sweep root, cached by its config hash) trains in a process while
-            #    Ray and the first trial actors start; the trials wait for it (sweeps.trial.wait_for_teacher).
-            from sweeps import ray_backend
-
+            # 5. The teacher (once per sweep root, cached by its config hash) trains in a process while
+            #    the first trial actors start; the trials wait for it (sweeps.trial.wait_for_teacher).
             if teacher_job.cached and plan.teacher_config is not None:
                 print(f"teacher: cached {plan.teacher_checkpoint} (hash {plan.teacher_hash})")
-            env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
-                   "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-                   "PYTHONWARNINGS": "ignore::DeprecationWarning"}
-            address = backend if backend.startswith("ray://") else None
-            ray_backend.start_ray(address, plan.root, args.num_cpus, args.num_gpus, env)
-            timings["ray_ready"] = time.time()
             state["timings"] = timings
             _write_state(plan, state)
             ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
-                                           args.force, max(1, int(plan.resources.cpus)), env)
+                                           args.force, max(1, int(plan.resources.cpus)), ray_env)
             # The driver idles while trials train: load what the final table needs now, not after.
             threading.Thread(target=importlib.import_module, args=("analysis",), daemon=True).start()
             try:
@@ -425,11 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if r.error is not None:
                         print(f"trial failed: {r.config} -> {type(r.error).__name__}: "
                               f"{str(r.error).strip().splitlines()[-1][:300]}")
-            t_shutdown = time.time()
-            import ray
-
-            ray.shutdown()
-            timings["ray_shutdown_s"] = time.time() - t_shutdown
+            timings["tune_done"] = time.time()
+            # Ray's shutdown mostly waits for its processes to exit; nothing below needs Ray.
+            ray_down = threading.Thread(target=_shutdown_ray, args=(timings,), name="ray-shutdown")
+            ray_down.start()
             try:
                 teacher = teacher_job.join()
             except Exception as err:  # noqa: BLE001
@@ -449,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state["timings"] = timings
         _write_state(plan, state)
 
-    # 5. Close the parent run and print the table.
+    # 6. Close the parent run and print the table.
     runs = [r for r in tracking.children(uri, experiment_id, parent)
             if not (tracking.REUSED_FROM in r.data.tags and r.data.tags.get("ctmlab.config_hash") in skipped)]
     done = {r.data.tags.get("ctmlab.config_hash") for r in runs
@@ -478,8 +500,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_ablation_table(spec.name, uri, experiment, parent)
     print(f"MLflow: parent run {parent} in {uri} (experiment {experiment!r}); "
           f"`mlflow ui --backend-store-uri {uri}` shows it")
+    if ray_down is not None:
+        ray_down.join()
+        _write_state(plan, state)  # with Ray's shutdown time
     return 0 if ok else 1
 
 
+def _exit_without_teardown(code: list[int]) -> None:
+    """The last exit handler (registered first): the others (Ray's, MLflow's, logging's) have run and
+    the output is flushed; what is left is the interpreter freeing torch's, Ray's and MLflow's
+    modules, ~2 s on a laptop that the user would wait for after the table."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    import atexit
+
+    exit_code = [1]
+    atexit.register(_exit_without_teardown, exit_code)
+    exit_code[0] = main()
+    sys.exit(exit_code[0])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,10 @@ def teacher_is_trained(plan: SweepPlan) -> bool:
     return bool(found) and found[-1][0] >= cfg.train.steps
 
 
+def _teacher_threads(plan: SweepPlan) -> int:
+    return max(1, int(plan.teacher_resources.cpus))
+
+
 def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
     """Train the sweep's teacher unless its run dir (keyed by config hash) already holds the last step.
 
@@ -87,7 +93,7 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
 
             log(f"teacher: training {out_dir} ({cfg.train.steps} steps, mode edm, hash {plan.teacher_hash})")
             threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, int(plan.teacher_resources.cpus)))  # small nets: threads only contend
+            torch.set_num_threads(_teacher_threads(plan))  # small nets: threads only contend
             try:
                 train(cfg)
             finally:
@@ -128,6 +134,19 @@ def _teacher_process(plan: SweepPlan) -> None:
         raise
 
 
+def _start_method(threads: int) -> str:
+    """fork where it is safe, else spawn. A forked teacher starts at once with the launcher's imports
+    (torch included); a spawned one starts a new interpreter and imports them again, ~2 s on the
+    critical path of a laptop sweep. fork is safe only with no other Python thread alive (a child
+    inherits their locks held), with a teacher that trains on one thread (GNU OpenMP hangs in a
+    forked child that opens a parallel region once the parent has used one) and without a GPU
+    (CUDA does not survive a fork)."""
+    if threading.active_count() != 1 or threads != 1:
+        return "spawn"
+    torch = sys.modules.get("torch")
+    return "spawn" if torch is not None and torch.cuda.is_available() else "fork"
+
+
 class TeacherJob:
     """Train the sweep's teacher in a separate process, so that Ray and the first trial actors start
     meanwhile (a thread would share the launcher's GIL with Tune's driver and slow the teacher down).
@@ -148,7 +167,9 @@ class TeacherJob:
         if self.plan.teacher_config is not None and not self.cached:
             import multiprocessing
 
-            self._process = multiprocessing.get_context("spawn").Process(
+            sys.stdout.flush()  # a forked child would print what is still buffered a second time
+            sys.stderr.flush()
+            self._process = multiprocessing.get_context(_start_method(_teacher_threads(self.plan))).Process(
                 target=_teacher_process, args=(self.plan,), name="ctm-teacher", daemon=True)
             self._process.start()
         else:
