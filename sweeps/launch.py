@@ -518,7 +518,14 @@ def _exit_without_teardown(code: list[int]) -> None:
 if __name__ == "__main__":
     import atexit
 
-    exit_code = [1]
+    exit_code = [1]  # an uncaught exception: its traceback, then status 1
     atexit.register(_exit_without_teardown, exit_code)
-    exit_code[0] = main()
+    try:
+        exit_code[0] = main()
+    except SystemExit as stop:  # argparse: usage errors (2), --help (0)
+        exit_code[0] = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        raise
+    except KeyboardInterrupt:
+        exit_code[0] = 130
+        raise
     sys.exit(exit_code[0])
