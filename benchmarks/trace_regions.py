@@ -58,7 +58,8 @@ def main(path: str, steps: int) -> None:
         aten = [n for n in names if n.startswith("aten::")]
         if aten and aten[-1] == "aten::copy_":
             asked = [n for n in aten if n not in COPY_CHAIN]
-            key = "copy <- " + (asked[-1] if asked else next((n for n in reversed(names) if not n.startswith("aten::")), "?"))
+            outer = next((n for n in reversed(names) if not n.startswith("aten::")), "?")
+            key = "copy <- " + (asked[-1] if asked else outer)
         else:
             key = aten[0] if aten else f"{names[-1] if names else launch['name']} in {where}"  # e.g. CUDA graphs
         by_op[key] += k["dur"]

@@ -490,8 +490,9 @@ def term_gradients(setup: Setup, mb: MicroBatch) -> dict[str, torch.Tensor]:
     params = [p for p in student.parameters() if p.requires_grad]
     last = student.backbone.last_layer_weight()
     with autocast_ctx(setup):
-        l_ctm, x_est, _ = ctm_loss(student, setup.target, g_obj._solver(None, mb.times.steps), mb.x0, mb.noise, mb.times, setup.grid,
-                                g_obj.distance, cfg.ctm.target_inner)
+        solver = g_obj._solver(None, mb.times.steps)
+        l_ctm, x_est, _ = ctm_loss(student, setup.target, solver, mb.x0, mb.noise, mb.times, setup.grid,
+                                   g_obj.distance, cfg.ctm.target_inner)
         l_ctm = l_ctm.mean()
         l_dsm = dsm_loss(lambda x, tt: student.denoiser(x, tt), mb.x0, mb.dsm_t, mb.dsm_noise, cfg.loss.dsm.weighting,
                          student.process.sigma_data).mean()

@@ -188,9 +188,9 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     code (the paper writes 0). With s = end and u = the next grid point and target_inner='target'
     this is consistency distillation. Returns d(x_est, x_target) per sample, x_est and the student's
     jump (CTMTerms). `student_jump(x_t, t, s)` replaces the student's own jump (labels included)
-    where a caller computes it with more in the same network call. Where every s is sigma_min (times.s_at_end) and `end` is sigma_min too,
-    the outer jumps are the identity G(x, s, s) = x and are skipped: the same numbers, two target
-    network calls (and a backward through one) fewer per step.
+    where a caller computes it with more in the same network call. Where every s is sigma_min
+    (times.s_at_end) and `end` is sigma_min too, the outer jumps are the identity G(x, s, s) = x and
+    are skipped: the same numbers, two target network calls (and a backward through one) fewer per step.
     """
     if target_inner not in ("student", "target"):
         raise ValueError(f"target_inner must be 'student' or 'target', got {target_inner!r}")

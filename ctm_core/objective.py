@@ -85,8 +85,8 @@ class GeneratorObjective(nn.Module):
         cfg, student = self.config, self.student
         logs: dict[str, Tensor] = {}
         if cfg.mode == "edm":
-            l_dsm = dsm_loss(lambda x, t: student.denoiser(x, t, batch.labels), batch.x0, batch.dsm_t, batch.dsm_noise, cfg.loss.dsm.weighting,
-                             student.process.sigma_data)
+            l_dsm = dsm_loss(lambda x, t: student.denoiser(x, t, batch.labels), batch.x0, batch.dsm_t,
+                             batch.dsm_noise, cfg.loss.dsm.weighting, student.process.sigma_data)
             logs["loss_dsm"] = l_dsm.detach().mean()
             return l_dsm.sum(), logs, None
 
