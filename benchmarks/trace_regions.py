@@ -15,7 +15,7 @@ import gzip
 import json
 import sys
 
-PREFIXES = ("ctm/", "gan/", "dsm/", "objective/", "train/")
+PREFIXES = ("ctm/", "gan/", "dsm/", "objective/", "train/")  # ctm_core's record_function labels
 COPY_CHAIN = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::clone")
 
 

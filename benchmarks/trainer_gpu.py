@@ -145,10 +145,11 @@ def profile_summary(profiler, steps: int) -> str:
     overhead and syncs), the step's labelled parts (record_function in ctm_core) and the top kernels."""
     from torch.autograd import DeviceType
 
+    from trace_regions import PREFIXES
+
     events = profiler.events()
-    labels = ("train/", "ctm/", "gan/", "dsm/", "objective/", "ProfilerStep")
     kernels = [(e.time_range.start, e.time_range.end) for e in events  # not the ranges' GPU-side annotations
-               if e.device_type == DeviceType.CUDA and not e.name.startswith(labels)]
+               if e.device_type == DeviceType.CUDA and not e.name.startswith(PREFIXES + ("ProfilerStep",))]
     lines = []
     if kernels:
         window = max(b for _, b in kernels) - min(a for a, _ in kernels)
@@ -158,7 +159,7 @@ def profile_summary(profiler, steps: int) -> str:
                      f"{len(kernels) / steps:.0f} kernels/step")
     averages = profiler.key_averages()
     device_total = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
-    labelled = sorted((e for e in averages if e.key.startswith(labels[:-1])), key=lambda e: e.key)
+    labelled = sorted((e for e in averages if e.key.startswith(PREFIXES)), key=lambda e: e.key)
     lines.append("\nlabelled ranges (per step): host ms, GPU ms of the kernels launched inside (backward passes "
                  "run on autograd's thread and count under train/backward only where launched there)")
     for e in labelled:

@@ -89,8 +89,6 @@ def dsm_loss(denoiser: Callable[[Tensor, Tensor], Tensor], x0: Tensor, t: Tensor
     With weighting='uniform' its expectation at the exact denoiser is E[tr Var(x0 | x_t)] / dim:
     the irreducible error, which the tests check against the closed-form mixture posterior.
     """
-    if weighting not in ("edm", "uniform"):
-        raise ValueError(f"weighting must be 'edm' or 'uniform', got {weighting!r}")
     return dsm_error(denoiser(x0 + broadcast_time(t, x0) * noise, t), x0, t, weighting, sigma_data)
 
 
