@@ -6,9 +6,11 @@ Runs `python sweeps/launch.py NAME` (smoke budget, embedded default: local Ray, 
 MLflow store and sweep root in a temp dir) and prints:
 
   wall time                 command start -> launcher exit (measured here)
-  teacher compute           the teacher's training: from its train() writing config.yaml (after its
-                            set-up) to its last checkpoint (its process start counts as overhead;
-                            Ray and the first trial actors start meanwhile)
+  teacher compute           the teacher's train() call, as for a trial (set-up, steps, evals,
+                            checkpoints; time/train_seconds in its final_metrics.json); its process
+                            start counts as overhead. Printed beside it: the span from its config.yaml
+                            (written after the set-up) to its last checkpoint, the accounting before
+                            2026-11-24
   sum of trial compute      sum over trials of the trainer's own wall time in train() (set-up,
                             steps, evals, checkpoints; MLflow metric time/train_seconds); the MLflow
                             runs' durations (from the run's creation after the trainer's set-up)
@@ -79,10 +81,12 @@ def main(argv=None) -> int:
     state = json.loads(next((work / "runs" / args.name / "launches").glob("*.json")).read_text())
     timings = state["timings"]
     teacher_dirs = list((work / "runs" / args.name / "teachers").glob("*/config.yaml"))  # written at its step 0
-    teacher_began = min((p.stat().st_mtime for p in teacher_dirs), default=timings.get("teacher_start", 0))
-    teacher = timings.get("teacher_end", 0) - teacher_began
-    teacher_trained = teacher > 2.0
-    first_step = teacher_began - t0 if teacher_trained and teacher_dirs else first_trial
+    teacher_trained = bool(teacher_dirs)
+    stepping_from = min((p.stat().st_mtime for p in teacher_dirs), default=0.0)
+    teacher_steps = timings.get("teacher_end", 0) - stepping_from if teacher_trained else 0.0
+    teacher = sum(json.loads((p.parent / "final_metrics.json").read_text())["time/train_seconds"]
+                  for p in teacher_dirs)
+    first_step = stepping_from - t0 if teacher_trained else first_trial
     slots = max(1, min(args.max_concurrent, len(trials)))
     busy = teacher + compute / slots
     overhead = (wall - busy) / wall
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     rows = [
         ("sweep", f"{args.name} (smoke), {len(trials)} trials, {slots} at once"),
         ("wall time", f"{wall:.1f} s"),
-        ("teacher compute", f"{teacher:.1f} s" if teacher_trained else "cached"),
+        ("teacher compute", f"{teacher:.1f} s (config.yaml -> last checkpoint: {teacher_steps:.1f} s)"
+         if teacher_trained else "cached"),
         ("sum of trial compute", f"{compute:.1f} s (MLflow run durations: {run_time:.1f} s)"),
         ("overhead", f"{100 * overhead:.1f} % ({wall - busy:.1f} s)"),
         *breakdown,

@@ -425,10 +425,12 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
             metrics_file.close()
     final_file = out_dir / "final_metrics.json"
     if step == start_step and final_file.exists():  # resumed at the last step: nothing new to report
-        last_metrics = {k: v for k, v in json.loads(final_file.read_text()).items() if k != "step"}
+        last_metrics = {k: v for k, v in json.loads(final_file.read_text()).items()
+                        if k not in ("step", "time/train_seconds")}
     result = TrainResult(out_dir, step, last_metrics, last_ckpt, time.perf_counter() - started)
-    if env.is_main and step > start_step:
-        final_file.write_text(json.dumps({"step": step, **last_metrics}, indent=1))
+    if env.is_main and step > start_step:  # with this call's wall time: sweeps account the teacher by it
+        final_file.write_text(json.dumps({"step": step, **last_metrics, "time/train_seconds": result.seconds},
+                                         indent=1))
         for cb in callbacks:
             cb.on_end(result)
     return result

@@ -156,6 +156,7 @@ def test_callbacks_files_best_and_pruning(tmp_path, teacher_dir):
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["step"] == 30 and "eval/sw2/nfe1" in final and "eval/sw2/teacher_nfe11" in final
     assert result.metrics["eval/sw2/nfe2"] == final["eval/sw2/nfe2"]
+    assert final["time/train_seconds"] == result.seconds > 0  # the sweeps account a teacher by it
     kinds = [e[0] for e in rec.events]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("checkpoint") == 3 and kinds.count("sample") == 2
     # callback state travels with the checkpoint
