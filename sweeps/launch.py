@@ -218,14 +218,19 @@ def _complete_out_dir(trial: Trial) -> bool:
 
 
 def _shutdown_ray(timings: dict[str, Any]) -> None:
-    import ray
+    from sweeps.ray_backend import stop_ray
 
     started = time.time()
     try:
-        ray.shutdown()
+        stop_ray()
     except Exception as err:  # noqa: BLE001 -- the sweep is done; Ray's atexit hook tries again
         print(f"warning: ray.shutdown() failed: {type(err).__name__}: {err}", file=sys.stderr)
     timings["ray_shutdown_s"] = time.time() - started
+
+
+def _import_after(teacher_job, module: str) -> None:
+    teacher_job.wait()
+    importlib.import_module(module)
 
 
 def _subcommand(argv: list[str]) -> int | None:
@@ -419,9 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings.update({"command": T_COMMAND, "teacher_start": teacher_start, "ray_ready": ray_ready})
     if not to_run and teacher_job is not None:
         teacher_job.cancel()
-        import ray
-
-        ray.shutdown()
+        ray_backend.stop_ray()
 
     ok, ray_down = True, None
     try:
@@ -434,8 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_state(plan, state)
             ctx = ray_backend.SweepContext(plan, {t.config_hash: t for t in to_run}, uri, experiment, parent,
                                            args.force, max(1, int(plan.resources.cpus)), ray_env)
-            # The driver idles while trials train: load what the final table needs now, not after.
-            threading.Thread(target=importlib.import_module, args=("analysis",), daemon=True).start()
+            # The driver idles while trials train: load what the final table needs then, not after it
+            # (and not before: until the teacher ends, the cores are busy starting the first trial).
+            threading.Thread(target=_import_after, args=(teacher_job, "analysis"), daemon=True).start()
             try:
                 if teacher_job.failed:  # no trial starts on a teacher that already failed
                     raise RuntimeError("the teacher failed")

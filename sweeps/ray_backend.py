@@ -290,6 +290,32 @@ def start_ray(address: str | None, root: Path, num_cpus: int | None, num_gpus: i
              log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
+def stop_ray() -> None:
+    """ray.shutdown(), less the second it stalls on a local instance.
+
+    Ray stops the processes it started one type after another, the GCS before the autoscaler monitor.
+    The monitor's SIGTERM handler then reports its termination to the GCS that is gone and hangs until
+    Ray falls back to SIGKILL a second later. A single-node instance's monitor has nothing to save, so
+    it is killed first. The process handles are Ray's private state: if they move, only the stall is back.
+    """
+    import ray
+
+    kill_autoscaler_monitor()
+    ray.shutdown()
+
+
+def kill_autoscaler_monitor() -> bool:
+    """SIGKILL the monitor of the Ray instance this process started; False if there is none."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # None when attached to a cluster
+    monitors = getattr(node, "all_processes", {}).get("monitor", [])
+    for info in monitors:
+        info.process.kill()
+        info.process.wait()
+    return bool(monitors)
+
+
 def _param_space(plan: SweepPlan, trials: list[Trial]) -> dict[str, Any]:
     from ray import tune
 

@@ -183,6 +183,13 @@ class TeacherJob:
             self._process.join()
         self._process = None
 
+    def wait(self) -> None:
+        """Block until the teacher's process has ended, without reaping it (join() does that)."""
+        if self._process is not None:
+            import multiprocessing.connection
+
+            multiprocessing.connection.wait([self._process.sentinel])
+
     @property
     def failed(self) -> bool:
         marker = _failure_marker(self.plan)

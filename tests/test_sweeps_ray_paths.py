@@ -87,3 +87,61 @@ def test_optuna_search_with_asha_stops_trials_early(tmp_path):
     assert all(last_step[r.info.run_id] == 40 and "time/train_seconds" in r.data.metrics for r in finished)
     assert "stopped early by the asha scheduler" in done.stdout
     assert "| optim.lr" in done.stdout or "optim.lr" in done.stdout  # the end table, one row per sampled lr
+
+
+_STOP_RAY_SCRIPT = r"""
+import json, os, sys, time
+from pathlib import Path
+import ray
+from sweeps.ray_backend import kill_autoscaler_monitor, start_ray, stop_ray
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+def descendants():
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    found, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+start_ray(None, Path(sys.argv[1]), 1, 0, {})
+ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+processes = ray._private.worker._global_node.all_processes
+pids = {kind: [i.process.pid for i in infos] for kind, infos in processes.items()}
+before = descendants()
+killed = kill_autoscaler_monitor()
+state = {"killed": killed, "monitor_alive": any(alive(p) for p in pids["monitor"]),
+         "raylet_alive": all(alive(p) for p in pids["raylet"]), "n_before": len(before)}
+stop_ray()
+deadline = time.time() + 20
+while time.time() < deadline and any(alive(p) for p in before):
+    time.sleep(0.2)
+state["left"] = sorted(p for p in before if alive(p))
+print(json.dumps(state))
+"""
+
+
+def test_stop_ray_kills_the_monitor_first_and_leaves_no_ray_process(tmp_path):
+    """The launcher's fast Ray shutdown (the monitor killed while the GCS is still up, then ray.shutdown)
+    must not leave any of Ray's processes behind: agents and workers included."""
+    done = subprocess.run([sys.executable, "-c", _STOP_RAY_SCRIPT, str(tmp_path / "r")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    import json
+
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    assert state["killed"] and not state["monitor_alive"] and state["raylet_alive"]
+    assert state["n_before"] >= 6  # GCS, raylet, monitor, dashboard, log monitor, agents, a worker
+    assert state["left"] == []
