@@ -15,6 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from train_step import rel_err
 
 SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (64, 128, 32, 32), (64, 256, 16, 16)]
 
@@ -37,10 +38,6 @@ def kernel_us(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ite
     return sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA") / iters
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=20)
@@ -56,13 +53,13 @@ def main(argv=None) -> None:
         x.requires_grad_()
         weight = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
         bias = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        out_err = relative_error(compiled(x, weight, bias), group_norm_silu(x, weight, bias))
-        grads = [torch.autograd.grad(fn(x, weight, bias).float().square().sum(), x)[0]
+        out_err = rel_err(compiled(x, weight, bias).float(), group_norm_silu(x, weight, bias).float())
+        grads = [torch.autograd.grad(fn(x, weight, bias).float().square().sum(), x)[0].float()
                  for fn in (compiled, group_norm_silu)]
         eager_us = kernel_us(group_norm_silu, x, weight, bias, args.iters)
         compiled_us = kernel_us(compiled, x, weight, bias, args.iters)
         print(f"| {shape} | {x.numel() * 2 / 1e6:.0f} | {eager_us:.1f} | {compiled_us:.1f} | "
-              f"{eager_us / compiled_us:.2f}x | {out_err:.1e} / {relative_error(*grads):.1e} |", flush=True)
+              f"{eager_us / compiled_us:.2f}x | {out_err:.1e} / {rel_err(*grads):.1e} |", flush=True)
 
 
 if __name__ == "__main__":

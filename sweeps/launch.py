@@ -224,7 +224,7 @@ def _shutdown_ray(timings: dict[str, Any]) -> None:
     try:
         stop_ray()
     except Exception as err:  # noqa: BLE001 -- the sweep is done; Ray's atexit hook tries again
-        print(f"warning: ray.shutdown() failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"warning: stopping Ray failed: {type(err).__name__}: {err}", file=sys.stderr)
     timings["ray_shutdown_s"] = time.time() - started
 
 

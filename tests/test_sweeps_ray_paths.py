@@ -3,6 +3,7 @@ a DDP trial (one process per GPU; on a machine without CUDA, 2 gloo processes on
 a search (Optuna sampling a log-uniform lr, ASHA stopping trials early)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,8 +140,6 @@ def test_stop_ray_kills_the_monitor_first_and_leaves_no_ray_process(tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    import json
-
     state = json.loads(done.stdout.strip().splitlines()[-1])
     assert state["killed"] and not state["monitor_alive"] and state["raylet_alive"]
     assert state["n_before"] >= 6  # GCS, raylet, monitor, dashboard, log monitor, agents, a worker
