@@ -68,14 +68,22 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
 
 
-def _pointer_checkpoint(step: int, path: Path | None, out_dir: Path):
-    """A small Tune checkpoint naming the trainer checkpoint (the trainer resumes from out_dir itself)."""
+def _report_to_tune(payload: dict[str, Any], checkpoint_path: Path | None, out_dir: Path) -> None:
+    """`tune.report`, with a small Tune checkpoint naming the trainer checkpoint when there is one.
+
+    The trainer resumes from out_dir itself; Tune only needs the pointer. Tune copies the pointer's
+    folder into its storage inside `report`, so the temporary folder is removed right after.
+    """
+    from ray import tune
     from ray.tune import Checkpoint
 
-    folder = Path(tempfile.mkdtemp(prefix="ctm-tune-ckpt-"))
-    (folder / POINTER_FILE).write_text(json.dumps({"step": step, "path": str(path) if path else None,
-                                                   "out_dir": str(out_dir)}))
-    return Checkpoint.from_directory(str(folder))
+    if checkpoint_path is None:
+        tune.report(payload)
+        return
+    with tempfile.TemporaryDirectory(prefix="ctm-tune-ckpt-") as folder:
+        (Path(folder) / POINTER_FILE).write_text(json.dumps(
+            {"step": payload["step"], "path": str(checkpoint_path), "out_dir": str(out_dir)}))
+        tune.report(payload, checkpoint=Checkpoint.from_directory(folder))
 
 
 class TuneReporter(Callback):
@@ -102,10 +110,7 @@ class TuneReporter(Callback):
         if self._sink is not None:
             self._sink.put(("report", payload, None if checkpoint_path is None else str(checkpoint_path)))
             return
-        from ray import tune
-
-        ckpt = _pointer_checkpoint(step, checkpoint_path, self.trial.out_dir) if checkpoint_path else None
-        tune.report(payload, checkpoint=ckpt)
+        _report_to_tune(payload, checkpoint_path, self.trial.out_dir)
 
     def on_start(self, run: RunInfo) -> None:
         self.latest["start_step"] = run.start_step
@@ -144,7 +149,6 @@ def _ddp_worker(rank: int, world: int, port: int, ctx: SweepContext, trial: Tria
 def _run_ddp(ctx: SweepContext, trial: Trial, tags: dict) -> dict[str, Any]:
     """One process per GPU; rank 0's reports are forwarded to Tune from this (the trial's) thread."""
     import torch.multiprocessing as mp
-    from ray import tune
 
     mpc = mp.get_context("spawn")
     sink = mpc.Queue()
@@ -162,8 +166,7 @@ def _run_ddp(ctx: SweepContext, trial: Trial, tags: dict) -> dict[str, Any]:
         if kind == "done":
             final = payload
             continue
-        ckpt = _pointer_checkpoint(payload["step"], Path(path), trial.out_dir) if path else None
-        tune.report(payload, checkpoint=ckpt)
+        _report_to_tune(payload, Path(path) if path else None, trial.out_dir)
     while not procs.join():
         pass
     return final

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def _kill_session(sid: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"processes of the killed launcher still alive: {_session_pids(sid)}")
 
 
+def _tune_pointer_folders() -> set[Path]:
+    """Temporary folders of the trainer-checkpoint pointers reported to Tune (shared /tmp: compare sets)."""
+    return set(Path(tempfile.gettempdir()).glob("ctm-tune-ckpt-*"))
+
+
 class Sweep:
     def __init__(self, base: Path):
         self.base = base
@@ -98,6 +104,7 @@ class Sweep:
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
     sweep = Sweep(tmp_path_factory.mktemp("sweep_e2e"))
+    pointers_before = _tune_pointer_folders()
     log = open(sweep.base / "first.log", "w")
     proc = subprocess.Popen(sweep.command(), cwd=sweep.base, env=sweep.env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -123,11 +130,11 @@ def killed_and_resumed(tmp_path_factory):
     t0 = time.time()
     resumed = sweep.run("--resume")
     print(f"[timing] first launch until the kill {killed_at - started:.1f} s, resume {time.time() - t0:.1f} s")
-    return sweep, resumed, killed_at, finished_before, [d.name for d in midway]
+    return sweep, resumed, killed_at, finished_before, [d.name for d in midway], pointers_before
 
 
 def test_sigkill_then_resume_reruns_nothing_finished_and_duplicates_no_run(killed_and_resumed):
-    sweep, resumed, killed_at, finished_before, midway = killed_and_resumed
+    sweep, resumed, killed_at, finished_before, midway, pointers_before = killed_and_resumed
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resuming launch" in resumed.stdout
     # The trial that had finished before the kill was not trained again.
@@ -149,6 +156,8 @@ def test_sigkill_then_resume_reruns_nothing_finished_and_duplicates_no_run(kille
     table = resumed.stdout[resumed.stdout.index("| loss.lambda_gan"):]
     rows = [line for line in table.splitlines() if line.startswith("| 0.1@20") or line.startswith("| off")]
     assert len(rows) == 2 and all("(1)" in row and "0/1" not in row for row in rows)
+    # Tune copied each checkpoint pointer into its storage; no temporary folder of one is left behind.
+    assert _tune_pointer_folders() <= pointers_before
 
 
 def test_store_holds_the_contract_schema(killed_and_resumed):
