@@ -23,20 +23,29 @@ from .schedules import WeightSchedule
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _schedule_from_yaml(value: Any) -> Any:
-    """Schedules are written either as the short form '0.1@50000+1000cos' or as a mapping."""
+def _schedule_from_yaml(value: Any, **clamp: float) -> Any:
+    """Schedules are written either as the short form '0.1@50000+1000cos' or as a mapping.
+
+    `clamp` gives the adaptive weight's default bounds for this term (a mapping may still set its own).
+    """
     if isinstance(value, WeightSchedule):
         return value
     if value is False:  # YAML 1.1 reads a bare `off` as False
-        return WeightSchedule(value=0.0)
+        return WeightSchedule(value=0.0, **clamp)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return WeightSchedule(value=float(value))
+        return WeightSchedule(value=float(value), **clamp)
     if isinstance(value, str):
-        return WeightSchedule.parse(value)
+        return WeightSchedule.parse(value, **clamp)
+    if isinstance(value, dict):
+        return {**clamp, **value}
     return value
 
 
+# The official code clamps its adaptive weights to [0, 1e4] for DSM and to [0.01, 10] for the GAN
+# (VQGAN's bounds): a near-zero generator gradient early in the GAN phase must not scale L_G by 1e4.
 Schedule = Annotated[WeightSchedule, BeforeValidator(_schedule_from_yaml)]
+GANSchedule = Annotated[WeightSchedule, BeforeValidator(
+    lambda value: _schedule_from_yaml(value, adaptive_min=0.01, adaptive_max=10.0))]
 PositiveFloat = Annotated[float, Field(gt=0)]
 # auto / on / off; YAML 1.1 reads bare on/off as booleans, which mean the same here
 Switch = Annotated[Literal["auto", "on", "off"],
@@ -93,7 +102,9 @@ class CTMConfig:
 class DSMConfig:
     p_mean: float = -1.2
     p_std: PositiveFloat = 1.2
-    uniform_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # share of rho-schedule times; None: 0.5 for the student (the official CTM mixture), 0 for an `edm`
+    # teacher (EDM trains on the log-normal alone)
+    uniform_fraction: Optional[Annotated[float, Field(ge=0, le=1)]] = None
     xi_max: Annotated[float, Field(gt=0, le=1)] = 0.7
     weighting: Literal["edm", "uniform"] = "edm"
 
@@ -102,7 +113,8 @@ class DSMConfig:
 class LossConfig:
     lambda_ctm: Annotated[float, Field(ge=0)] = 1.0
     lambda_dsm: Schedule = dataclasses.field(default_factory=lambda: WeightSchedule(value=1.0))
-    lambda_gan: Schedule = dataclasses.field(default_factory=WeightSchedule)
+    lambda_gan: GANSchedule = dataclasses.field(
+        default_factory=lambda: WeightSchedule(adaptive_min=0.01, adaptive_max=10.0))
     dsm: DSMConfig = dataclasses.field(default_factory=DSMConfig)
 
 
@@ -110,6 +122,7 @@ class LossConfig:
 class GANConfig:
     # auto: 'vector' for vectors, 'patch' (from scratch) for images of <= 16 px, else 'projected' (the paper's)
     discriminator: Literal["auto", "vector", "patch", "projected"] = "auto"
+    optimizer: Literal["radam", "adam"] = "radam"   # the official code's discriminator optimiser: RAdam
     lr: PositiveFloat = 2e-3
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.9)
     augment: bool = True
@@ -195,6 +208,8 @@ class TrainConfig:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        if self.loss.dsm.uniform_fraction is None:
+            self.loss.dsm.uniform_fraction = 0.0 if self.mode == "edm" else 0.5
         if self.mode in ("ctm", "cd") and not self.teacher.checkpoint:
             raise ValueError(f"teacher.checkpoint is required in mode {self.mode!r} (train one with mode 'edm')")
         if self.mode == "edm" and not self.loss.lambda_gan.is_off:

@@ -42,6 +42,7 @@ class Evaluator:
     kind: str
     device: torch.device
     cache_dir: str | None = None
+    num_classes: int = 0              # > 0: a class-conditional network, sampled at fixed uniform labels
     _scorer: Callable[[Tensor], dict[str, float]] | None = field(default=None, init=False)
     _teacher_scores: dict[str, float] | None = field(default=None, init=False)
 
@@ -51,6 +52,8 @@ class Evaluator:
         n = self.config.eval.num_samples  # not capped at the reference size: the samples' statistics need them
         gen = torch.Generator().manual_seed(derived_seed("eval-noise", self.config.seed))
         self.z = torch.randn((n, *self.reference.shape[1:]), generator=gen)
+        # Uniform labels, as EDM's FID for conditional models; fixed like z so evaluations compare.
+        self.labels = torch.randint(self.num_classes, (n,), generator=gen) if self.num_classes else None
         self.metric = primary_metric(self.kind, self.config.data.spec)
         self._scorer = self._build_scorer()
 
@@ -71,8 +74,12 @@ class Evaluator:
         return lambda x: {"fid": metrics.frechet_distance(*metrics.inception_stats(x, extractor, device=self.device),
                                                           *ref_stats)}
 
-    def _batched(self, fn: Callable[[Tensor], Tensor], batch: int = 1000) -> Tensor:
-        out = [fn(self.z[i:i + batch].to(self.device)).float().cpu() for i in range(0, self.z.shape[0], batch)]
+    def _batched(self, fn: Callable[[Tensor, Tensor | None], Tensor], batch: int = 1000) -> Tensor:
+        """fn(z, labels) over the fixed noise (and labels) in chunks, gathered on the CPU."""
+        out = []
+        for i in range(0, self.z.shape[0], batch):
+            labels = None if self.labels is None else self.labels[i:i + batch].to(self.device)
+            out.append(fn(self.z[i:i + batch].to(self.device), labels).float().cpu())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -80,12 +87,15 @@ class Evaluator:
         from .data import derived_seed
 
         gen = torch.Generator().manual_seed(derived_seed("eval-gamma", self.config.seed, nfe, gamma))
-        return self._batched(lambda z: gamma_sample(model, z, nfe, gamma, generator=gen))
+        return self._batched(lambda z, y: gamma_sample(model, z, nfe, gamma, generator=gen, class_labels=y))
 
     @torch.no_grad()
     def teacher_samples(self, denoiser_model: CTMModel, steps: int) -> Tensor:
-        denoiser = lambda x, t: denoiser_model.denoiser(x, t)
-        return self._batched(lambda z: heun_sample(denoiser, z, steps, denoiser_model.process))
+        def sample(z: Tensor, labels: Tensor | None) -> Tensor:
+            denoiser = lambda x, t: denoiser_model.denoiser(x, t, labels)
+            return heun_sample(denoiser, z, steps, denoiser_model.process)
+
+        return self._batched(sample)
 
     def evaluate(self, student: CTMModel | None, teacher: CTMModel | None) -> tuple[dict[str, float], dict[str, Tensor]]:
         """Metrics and the samples they were computed from (for pictures). The teacher's scores are

@@ -57,24 +57,38 @@ def make_distance(name: str, lpips: Distance | None = None) -> Distance:
 # ----------------------------------------------------------------------------------------------
 # Denoising score matching on the diagonal g(x_t, t, t)
 
+def dsm_uniform_rows(batch: int, uniform_fraction: float) -> Tensor:
+    """Which rows of a DSM batch take rho-schedule times: spread evenly, not the last block of the batch.
+
+    The official code draws its half/half mixture inside each microbatch, so each microbatch's adaptive
+    lambda_DSM sees both halves. Our times are drawn once for the global batch and then sliced per rank
+    and microbatch; with evenly spread rows every contiguous slice of m rows holds floor or ceil of
+    m * uniform_fraction of them, whatever the GPU count or microbatch.
+    """
+    index = torch.arange(batch, dtype=torch.float64)
+    return torch.floor((index + 1) * uniform_fraction) > torch.floor(index * uniform_fraction)
+
+
 def sample_dsm_times(batch: int, process: VEProcess, generator: torch.Generator | None = None,
                      p_mean: float = -1.2, p_std: float = 1.2, uniform_fraction: float = 0.5,
                      xi_max: float = 0.7, device: torch.device | str = "cpu") -> Tensor:
-    """The paper's DSM times: the first (1 - uniform_fraction) of the batch log-normal(p_mean, p_std^2),
-    the rest on the rho-schedule at xi ~ U[0, xi_max] (biased towards large noise). Clamped to the
-    process range so the network only sees times it is defined on."""
+    """The paper's DSM times: log-normal(p_mean, p_std^2) on a (1 - uniform_fraction) share of the rows,
+    the rho-schedule at xi ~ U[0, xi_max] (biased towards large noise) on the rows `dsm_uniform_rows`
+    picks. Clamped to the process range so the network only sees times it is defined on."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if not 0 <= uniform_fraction <= 1:
         raise ValueError(f"uniform_fraction must lie in [0, 1], got {uniform_fraction}")
     if not 0 < xi_max <= 1:
         raise ValueError(f"xi_max must lie in (0, 1], got {xi_max}")
-    n_uniform = int(round(batch * uniform_fraction))
-    n_lognormal = batch - n_uniform
-    lognormal = (p_mean + p_std * torch.randn(n_lognormal, generator=generator, dtype=torch.float64)).exp()
-    uniform = karras_time(torch.rand(n_uniform, generator=generator, dtype=torch.float64) * xi_max, process)
-    t = torch.cat([lognormal, uniform]).clamp(process.sigma_min, process.sigma_max)
-    return t.to(device=device, dtype=torch.float32)
+    uniform_rows = dsm_uniform_rows(batch, uniform_fraction)
+    n_uniform = int(uniform_rows.sum())
+    t = torch.empty(batch, dtype=torch.float64)
+    t[~uniform_rows] = (p_mean + p_std * torch.randn(batch - n_uniform, generator=generator,
+                                                     dtype=torch.float64)).exp()
+    t[uniform_rows] = karras_time(torch.rand(n_uniform, generator=generator, dtype=torch.float64) * xi_max,
+                                  process)
+    return t.clamp(process.sigma_min, process.sigma_max).to(device=device, dtype=torch.float32)
 
 
 def edm_loss_weight(t: Tensor, sigma_data: float) -> Tensor:

@@ -4,7 +4,9 @@ The official CTM code measures its consistency loss with LPIPS after bilinearly
 upsampling small images to 224x224 (LPIPS features are tuned for ImageNet-sized inputs;
 at 32x32 the deep VGG layers see almost nothing). We build on the `lpips` package: its
 learned linear-layer weights ship inside the package, and the ImageNet VGG16 backbone is
-loaded from our cache instead of being downloaded by torchvision.
+loaded from our cache instead of being downloaded by torchvision. Like the official code's
+`piq.LPIPS(replace_pooling=True)`, the VGG's max-pooling layers are 2x2 average pools: the
+distance and its gradients are those of the official loss, not of the lpips package's default.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def _load_vgg_backbone(lpips_net: nn.Module, features: dict[str, torch.Tensor], 
                 param.copy_(source)
 
 
+def _average_pooling(module: nn.Module) -> None:
+    """Swap every MaxPool2d under `module` for a 2x2 average pool (piq's replace_pooling)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            setattr(module, name, nn.AvgPool2d(kernel_size=2, stride=2))
+        else:
+            _average_pooling(child)
+
+
 class LPIPSDistance(nn.Module):
     """Per-sample LPIPS (VGG, v0.1) between image batches in [-1, 1].
 
@@ -90,6 +101,7 @@ class LPIPSDistance(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         _load_vgg_backbone(self.lpips.net, features, path)
+        _average_pooling(self.lpips.net)
         self.requires_grad_(False)
         self.resize_to = resize_to
         self.eval()

@@ -28,7 +28,8 @@ from torch.profiler import record_function
 
 from . import checkpoint as ckpt
 from .builders import build_discriminator, build_model, build_optimizer, data_meta
-from .config import ConfigError, TrainConfig, TrainLoopConfig, config_from_dict, config_to_dict, load_config
+from .config import (ConfigError, OptimConfig, TrainConfig, TrainLoopConfig, config_from_dict, config_to_dict,
+                     load_config)
 from .data import BatchStream, derived_seed, load_dataset
 from .distributed import DistEnv, barrier, broadcast_object, init_distributed
 from .ema import EMABank
@@ -240,8 +241,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     if not config.loss.lambda_gan.is_off and config.mode != "edm":
         discriminator = build_discriminator(config.gan, meta, config.runtime.cache_dir).to(env.device)
         d_params = [p for p in discriminator.parameters() if p.requires_grad]
-        d_optimizer = torch.optim.Adam(d_params, lr=config.gan.lr, betas=tuple(config.gan.betas),
-                                       fused=env.device.type == "cuda")
+        d_optim = OptimConfig(name=config.gan.optimizer, lr=config.gan.lr, betas=config.gan.betas)
+        d_optimizer = build_optimizer(d_params, d_optim, fused=env.device.type == "cuda")
     lpips = None
     if config.ctm.distance == "lpips":
         from .lpips_distance import LPIPSDistance
@@ -255,7 +256,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     stream = BatchStream(len(meta_set), config.data.batch_size, config.seed, env.rank, env.world_size,
                          config.data.hflip)
     evaluator = Evaluator(config, load_dataset(config.data.spec, "test", seed=config.seed).x, kind, env.device,
-                          config.runtime.cache_dir) if env.is_main else None
+                          config.runtime.cache_dir, meta["num_classes"] if config.data.class_conditional else 0
+                          ) if env.is_main else None
 
     # Resume: rank 0 picks the checkpoint, every rank loads the same file.
     start_step, resumed_from, best = 0, None, None
@@ -424,16 +426,31 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         if metrics_file is not None:
             metrics_file.close()
     final_file = out_dir / "final_metrics.json"
-    if step == start_step and final_file.exists():  # resumed at the last step: nothing new to report
+    # Resumed at the last step: nothing new to train, but a run stopped between its final checkpoint
+    # and its end (final_metrics.json, callbacks' on_end, e.g. the MLflow run's FINISHED) still ends.
+    ended_before = step == start_step and final_file.exists()
+    if ended_before:
         last_metrics = {k: v for k, v in json.loads(final_file.read_text()).items()
                         if k not in ("step", "time/train_seconds")}
+    elif step == start_step:
+        last_metrics = _last_logged(out_dir / METRICS_FILE)
     result = TrainResult(out_dir, step, last_metrics, last_ckpt, time.perf_counter() - started)
-    if env.is_main and step > start_step:  # with this call's wall time: sweeps account the teacher by it
-        final_file.write_text(json.dumps({"step": step, **last_metrics, "time/train_seconds": result.seconds},
-                                         indent=1))
+    if env.is_main and (step > start_step or step >= config.train.steps):
+        if not ended_before:  # with this call's wall time: sweeps account the teacher by it
+            final_file.write_text(json.dumps({"step": step, **last_metrics, "time/train_seconds": result.seconds},
+                                             indent=1))
         for cb in callbacks:
             cb.on_end(result)
     return result
+
+
+def _last_logged(path: Path) -> dict[str, float]:
+    """The newest value of every key in a metrics log (what the trainer held when it ended)."""
+    latest: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            latest.update({k: v for k, v in json.loads(line).items() if k != "step"})
+    return latest
 
 
 def _accumulate(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor | float, weight: float) -> None:

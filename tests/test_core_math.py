@@ -10,6 +10,7 @@ from conftest import ExactFlow, make_tiny_model
 from ctm_core import (EMABank, GridTimes, WeightSchedule, ctm_loss, dsm_loss, edm_scalings, gamma_sample,
                       cm_multistep_sample, ctm_consistency_fn, heun_sample, karras_grid, l2_distance,
                       sample_cd_times, sample_ctm_times, sample_dsm_times, solve_on_grid, solve_path)
+from ctm_core.losses import dsm_uniform_rows
 from ctm_core.process import VEProcess
 
 
@@ -239,13 +240,27 @@ def test_dsm_loss_of_exact_denoiser_is_posterior_variance(mixture, process):
 def test_dsm_time_sampling_halves(process):
     gen = torch.Generator().manual_seed(8)
     t = sample_dsm_times(200_000, process, gen).double()
-    lognormal, uniform = t[:100_000], t[100_000:]
+    rows = dsm_uniform_rows(200_000, 0.5)
+    lognormal, uniform = t[~rows], t[rows]
+    assert len(lognormal) == len(uniform) == 100_000
     assert lognormal.log().mean().item() == pytest.approx(-1.2, abs=0.02)
     assert lognormal.log().std().item() == pytest.approx(1.2, abs=0.03)
     # xi in [0, 0.7] of the rho-schedule: sigma in [karras(0.7), 80]
     lo = (80 ** (1 / 7) + 0.7 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert uniform.min().item() >= lo * 0.999 and uniform.max().item() <= 80
     assert uniform.median().item() > lognormal.median().item()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+def test_every_microbatch_slice_holds_both_dsm_time_kinds(fraction):
+    """The official code draws the mixture per microbatch; our global draw is sliced per rank and
+    microbatch (e.g. CIFAR-10's GAN microbatch of 11), so every slice must hold its share of each kind."""
+    rows = dsm_uniform_rows(256, fraction)
+    assert int(rows.sum()) == int(256 * fraction)
+    for m in (1, 3, 11, 64, 128):
+        for start in range(0, 256 - m + 1):
+            n = int(rows[start:start + m].sum())
+            assert math.floor(m * fraction) <= n <= math.ceil(m * fraction), (m, start, n)
 
 
 # ---------------------------------------------------------------------------------------------- samplers

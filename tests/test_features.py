@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ctm_core.builders import build_discriminator
 from ctm_core.config import GANConfig
@@ -125,6 +126,17 @@ def test_lpips_loads_the_backbone_file(vgg_file, lpips32):
     assert torch.equal(getattr(lpips32.lpips.net.slice5, "28").bias, state["features.28.bias"])
     explicit = LPIPSDistance(resize_to=32, backbone_path=vgg_file)
     assert torch.equal(getattr(explicit.lpips.net.slice3, "14").weight, state["features.14.weight"])
+
+
+def test_lpips_pools_by_averaging_like_the_official_code(lpips32):
+    """The official loss is piq.LPIPS(replace_pooling=True): VGG16's four pools inside LPIPS' slices
+    are 2x2 average pools, so the second slice starts from the mean of relu1_2's 2x2 blocks."""
+    pools = [m for m in lpips32.modules() if isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d))]
+    assert len(pools) == 4 and all(isinstance(m, torch.nn.AvgPool2d) for m in pools)
+    net = lpips32.lpips.net
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    relu1_2 = net.slice1(x)
+    assert torch.allclose(net.slice2[0](relu1_2), F.avg_pool2d(relu1_2, 2))
 
 
 def test_lpips_missing_backbone_file(tmp_path):

@@ -166,6 +166,26 @@ def test_callbacks_files_best_and_pruning(tmp_path, teacher_dir):
     assert more.events[0][0] == "restored" and more.events[0][1] > 0 and more.events[1] == ("start", 30)
 
 
+def test_a_run_stopped_after_its_final_checkpoint_still_ends_on_resume(tmp_path):
+    """Killed between the final checkpoint and the end (final_metrics.json, on_end: e.g. the MLflow
+    run's FINISHED), a resume trains nothing but ends the run, with the metrics it last logged."""
+    overrides = ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=10"]
+    first = train(_tiny(tmp_path, "run", overrides))
+    final = tmp_path / "run" / "final_metrics.json"
+    final.unlink()
+    rec = Recorder()
+    again = train(_tiny(tmp_path, "run", overrides), [rec])
+    assert again.step == 20 and ("start", 20) in rec.events and rec.events[-1] == ("end", 20)
+    assert not [e for e in rec.events if e[0] in ("metrics", "checkpoint")]
+    restored = json.loads(final.read_text())
+    assert restored["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
+    # Resumed once more, with final_metrics.json in place: the run ends again, nothing rewritten.
+    before = final.read_text()
+    rec = Recorder()
+    train(_tiny(tmp_path, "run", overrides), [rec])
+    assert rec.events[-1] == ("end", 20) and final.read_text() == before
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     config = _tiny(tmp_path, "run", ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=0",
                                      "eval.teacher_steps=null"])
@@ -225,6 +245,32 @@ def test_bad_yaml_file_and_microbatch(tmp_path):
         load_config(cfg)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_defaults_follow_the_official_code_per_term_and_mode():
+    """Defaults the notes pin: the GAN's adaptive weight clamped to [0.01, 10] (DSM's to [0, 1e4]),
+    a RAdam discriminator, and EDM's log-normal-only DSM times for an `edm` teacher."""
+    student = load_config(overrides=["mode=ctm_scratch", "loss.lambda_gan=1@10:adaptive"])
+    gan, dsm = student.loss.lambda_gan, student.loss.lambda_dsm
+    assert (gan.adaptive_min, gan.adaptive_max) == (0.01, 10.0)
+    assert (dsm.adaptive_min, dsm.adaptive_max) == (0.0, 1e4)
+    assert student.gan.optimizer == "radam" and student.loss.dsm.uniform_fraction == 0.5
+    own = load_config(overrides=["mode=ctm_scratch", "loss.lambda_gan={value: 1, adaptive: true, adaptive_max: 5}"])
+    assert (own.loss.lambda_gan.adaptive_min, own.loss.lambda_gan.adaptive_max) == (0.01, 5.0)
+    assert load_config(overrides=["mode=edm"]).loss.dsm.uniform_fraction == 0.0
+    explicit = load_config(overrides=["mode=edm", "loss.dsm.uniform_fraction=0.5"])
+    assert config_to_dict(explicit)["loss"]["dsm"]["uniform_fraction"] == 0.5
+
+
+def test_class_conditional_teacher_and_student_train_and_evaluate(tmp_path):
+    """Evaluation samples a conditional network at fixed labels (it used to call it without any)."""
+    conditional = ["data.class_conditional=true", "eval.every=6"]
+    teacher = _tiny(tmp_path, "teacher", ["mode=edm", "train.steps=6", "train.ckpt_every=6"] + conditional)
+    train(teacher)
+    student = train(_tiny(tmp_path, "student", ["mode=ctm", f"teacher.checkpoint={tmp_path / 'teacher'}",
+                                                "train.steps=6", "train.ckpt_every=6"] + conditional))
+    finals = json.loads((tmp_path / "student" / "final_metrics.json").read_text())
+    assert student.step == 6 and np.isfinite(finals["eval/sw2/nfe1"]) and np.isfinite(finals["eval/sw2/teacher_nfe11"])
 
 
 @pytest.mark.parametrize("mode", ["ctm_scratch", "cd"])
