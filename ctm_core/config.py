@@ -112,7 +112,7 @@ class DSMConfig:
 @dataclass(config=_STRICT)
 class LossConfig:
     lambda_ctm: Annotated[float, Field(ge=0)] = 1.0
-    lambda_dsm: Schedule = dataclasses.field(default_factory=lambda: WeightSchedule(value=1.0))
+    lambda_dsm: Optional[Schedule] = None   # None: 1 (the CTM objective), off in mode cd (CD has no DSM term)
     lambda_gan: GANSchedule = dataclasses.field(
         default_factory=lambda: WeightSchedule(adaptive_min=0.01, adaptive_max=10.0))
     dsm: DSMConfig = dataclasses.field(default_factory=DSMConfig)
@@ -208,6 +208,8 @@ class TrainConfig:
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
+        if self.loss.lambda_dsm is None:
+            self.loss.lambda_dsm = WeightSchedule(value=0.0 if self.mode == "cd" else 1.0)
         if self.loss.dsm.uniform_fraction is None:
             self.loss.dsm.uniform_fraction = 0.0 if self.mode == "edm" else 0.5
         if self.mode in ("ctm", "cd") and not self.teacher.checkpoint:

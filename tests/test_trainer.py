@@ -249,7 +249,7 @@ def test_bad_yaml_file_and_microbatch(tmp_path):
 
 def test_defaults_follow_the_official_code_per_term_and_mode():
     """Defaults the notes pin: the GAN's adaptive weight clamped to [0.01, 10] (DSM's to [0, 1e4]),
-    a RAdam discriminator, and EDM's log-normal-only DSM times for an `edm` teacher."""
+    a RAdam discriminator, EDM's log-normal-only DSM times for an `edm` teacher, no DSM in CD."""
     student = load_config(overrides=["mode=ctm_scratch", "loss.lambda_gan=1@10:adaptive"])
     gan, dsm = student.loss.lambda_gan, student.loss.lambda_dsm
     assert (gan.adaptive_min, gan.adaptive_max) == (0.01, 10.0)
@@ -258,6 +258,8 @@ def test_defaults_follow_the_official_code_per_term_and_mode():
     own = load_config(overrides=["mode=ctm_scratch", "loss.lambda_gan={value: 1, adaptive: true, adaptive_max: 5}"])
     assert (own.loss.lambda_gan.adaptive_min, own.loss.lambda_gan.adaptive_max) == (0.01, 5.0)
     assert load_config(overrides=["mode=edm"]).loss.dsm.uniform_fraction == 0.0
+    assert load_config(overrides=["mode=cd", "teacher.checkpoint=t"]).loss.lambda_dsm.is_off
+    assert not load_config(overrides=["mode=cd", "teacher.checkpoint=t", "loss.lambda_dsm=0.5"]).loss.lambda_dsm.is_off
     explicit = load_config(overrides=["mode=edm", "loss.dsm.uniform_fraction=0.5"])
     assert config_to_dict(explicit)["loss"]["dsm"]["uniform_fraction"] == 0.5
 
