@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 from .runs import REUSED_FROM_TAG, mlflow_client
-from .tables import FINISHED, _hashable, _row_label, _sort_key, ablation_table, resolve_metric, resolve_rows
+from .tables import FINISHED, _hashable, _row_label, _sort_key, ablation_table, resolve_metric, resolve_rows, select_runs
 
 __all__ = [
     "save_figure",
@@ -116,14 +116,18 @@ def plot_metric_vs_step(
     rows: str | Sequence[str] = "axis",
     tracking_uri: str | None = None,
     statuses: Sequence[str] | None = (FINISHED,),
+    seeds: str | None = "tag.ctmlab.seed",
     out: str | Path | None = None,
 ) -> Figure:
     """Mean over seeds of metric ``key`` against training step, with a ±1 std band per variant.
 
-    Reads one metric history per run. ``statuses`` picks the runs (None: all, e.g. to watch
-    RUNNING trials); runs that never logged ``key`` are skipped.
+    The runs are the table's (:func:`analysis.tables.select_runs`: newest config of a row, one run
+    per seed), so re-runs never count twice and the curve agrees with the table; the legend's n
+    counts seeds. ``statuses`` then picks among them (None: all, e.g. to watch RUNNING trials);
+    runs that never logged ``key`` are skipped. Reads one metric history per run.
     """
-    selected = df if statuses is None else df[df["status"].isin(list(statuses))]
+    chosen = select_runs(df, rows, seeds)
+    selected = chosen if statuses is None else chosen[chosen["status"].isin(list(statuses))]
     if selected.empty:
         raise ValueError(f"statuses={statuses!r}: no runs to plot")
     client = _client(df, tracking_uri)

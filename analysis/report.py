@@ -1,9 +1,12 @@
 """Write the ablation table and figures of one sweep, and print the table.
 
     python -m analysis.report NAME [--experiment E] [--tracking-uri U] [--format md|latex|csv] [--out DIR]
+                                   [--budget B] [--parent RUN_ID]
 
 NAME is the sweep name (tag ctmlab.sweep). The table layout comes from DEFAULT_LAYOUTS
 (exact name, or the longest shipped name NAME starts with); --metric/--which/--layout override it.
+All trials of the sweep are read unless --budget (tag ctmlab.budget) or --parent (one launch's
+parent run) narrows them; within a row only the newest config is tabulated either way.
 Written to --out (default outputs/analysis/NAME): table.<md|tex|csv> in the chosen format plus
 table.csv (full precision, always), and as PNG + PDF: metric_vs_nfe, metric_vs_step,
 metric_vs_<axis> (single-axis sweeps) and samples (when runs logged samples/*.png).
@@ -36,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", default=None, help="metric name (sw2, energy, fd_digits, fid, auto)")
     parser.add_argument("--which", choices=("final", "best"), default="final", help="last logged or best value")
     parser.add_argument("--layout", choices=sorted(DEFAULT_LAYOUTS), default=None, help="force a shipped layout")
+    parser.add_argument("--budget", default=None, help="only trials of this budget (tag ctmlab.budget, e.g. paper)")
+    parser.add_argument("--parent", default=None, metavar="RUN_ID", help="only the trials of this launch's parent run")
     parser.add_argument("--no-plots", action="store_true", help="write the table only")
     return parser
 
@@ -69,13 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # This process is ours: keep MLflow's per-file download progress bars out of the printed table.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        df = load_runs(args.experiment, sweep=args.name, tracking_uri=args.tracking_uri)
+        df = load_runs(args.experiment, sweep=args.name, tracking_uri=args.tracking_uri,
+                       parent_run_id=args.parent, budget=args.budget)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if df.empty:
         known = list_sweeps(args.experiment, args.tracking_uri)
-        print(f"error: sweep {args.name!r} has no trial runs in experiment {args.experiment!r}; "
+        narrowed = "".join(f" with {flag} {value!r}" for flag, value in (("--budget", args.budget),
+                                                                        ("--parent", args.parent)) if value)
+        print(f"error: sweep {args.name!r} has no trial runs{narrowed} in experiment {args.experiment!r}; "
               f"sweeps there: {known}", file=sys.stderr)
         return 2
     layout = DEFAULT_LAYOUTS[args.layout] if args.layout else layout_for(args.name)

@@ -3,13 +3,17 @@
 One row per run. Column families (dotted MLflow names are kept verbatim after the prefix):
 
     run_id, run_name, parent_run_id, status, start_time, end_time, duration_s
+    nan_metrics    the metric keys whose last logged value is NaN, as a sorted tuple: NaN in a
+                   metric.<key> column otherwise means the run never logged the key, and a
+                   diverged trial must not read as one that skipped an evaluation.
     tag.<key>      every ``ctmlab.*`` tag. Strings, except ``tag.ctmlab.seed`` (Int64) and
                    ``tag.ctmlab.git_dirty`` (boolean).
     param.<key>    every param, parsed from MLflow's strings: ints, floats, bools, None and
                    JSON/Python lists become real values. A column whose values are all ints is
                    Int64, all numbers float64, all bools boolean, all strings str; a column that
                    mixes strings with other kinds keeps the raw strings so that it stays sortable.
-    metric.<key>   the last logged value of every metric (what ``search_runs`` returns).
+    metric.<key>   the last logged value of every metric (what ``search_runs`` returns). SQL stores
+                   save +-inf as +-float max; those come back as +-inf.
     best.<key>     for ``eval/*`` keys only: the best (lowest) value over the run's history.
 
 Reused trials: when a launch finds a trial's config already FINISHED (in this or another sweep)
@@ -47,6 +51,7 @@ import functools
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -62,6 +67,7 @@ REUSED_FROM_TAG = "ctmlab.reused_from"
 SWEEP_TAG = "ctmlab.sweep"
 BEST_SUMMARY_PREFIX = "best/"
 EVAL_PREFIX = "eval/"
+BUDGET_TAG = "ctmlab.budget"
 PAGE_SIZE = 1000  # SQL stores accept up to 50,000 per page; 1,000 keeps each answer modest.
 
 # pandas >= 3 has a real string dtype (missing values stay missing); older pandas keeps objects.
@@ -307,6 +313,12 @@ def _best_values(
     return columns, source
 
 
+def _unclamped(values: list[float]) -> pd.Series:
+    """A float column with MLflow's SQL stand-ins for +-inf (+-float max) turned back into +-inf."""
+    series = pd.Series(values, dtype="float64")
+    return series.mask(series >= sys.float_info.max, math.inf).mask(series <= -sys.float_info.max, -math.inf)
+
+
 def _drop_duplicate_copies(runs: list[RunRecord]) -> list[RunRecord]:
     """Keep a reused-run copy only where its original is not already a row of the same sweep."""
     present = {(r.tags.get(SWEEP_TAG), r.run_id) for r in runs if REUSED_FROM_TAG not in r.tags}
@@ -330,10 +342,12 @@ def load_runs(
     include_parent: bool = False,
     exact_best: bool = False,
     method: str = "auto",
+    budget: str | None = None,
 ) -> pd.DataFrame:
     """One row per trial run of ``sweep`` (all sweeps when None) in ``experiment``.
 
-    ``parent_run_id`` keeps the trials of that one launch. Reused trials appear once (see the
+    ``parent_run_id`` keeps the trials of that one launch, ``budget`` those of one budget (tag
+    ``ctmlab.budget``, e.g. "smoke" or "paper"). Reused trials appear once (see the
     module docstring; ``attrs["reused"]`` counts them). Parent runs (tag ``ctmlab.role = sweep``)
     are left out unless ``include_parent``. Deleted
     runs are never returned. Rows are ordered by start time. ``tracking_uri`` is used for this
@@ -358,6 +372,8 @@ def load_runs(
         runs = [r for r in runs if r.tags.get("ctmlab.role") != "sweep"]
     if parent_run_id is not None:
         runs = [r for r in runs if r.tags.get("mlflow.parentRunId") == parent_run_id]
+    if budget is not None:
+        runs = [r for r in runs if r.tags.get(BUDGET_TAG) == budget]
     runs.sort(key=lambda r: (r.start_time or 0, r.run_id))
     runs = _drop_duplicate_copies(runs)
 
@@ -370,6 +386,9 @@ def load_runs(
         "end_time": _timestamps([r.end_time for r in runs]),
     }
     columns["duration_s"] = (columns["end_time"] - columns["start_time"]).dt.total_seconds()
+    columns["nan_metrics"] = pd.Series(
+        [tuple(sorted(k for k, v in r.metrics.items() if isinstance(v, float) and math.isnan(v))) for r in runs],
+        dtype=object)
 
     tag_keys = sorted({k for r in runs for k in r.tags if k.startswith(TAG_PREFIX)})
     for key in tag_keys:
@@ -382,12 +401,12 @@ def load_runs(
 
     metric_keys = sorted({k for r in runs for k in r.metrics if not k.startswith(BEST_SUMMARY_PREFIX)})
     for key in metric_keys:
-        columns[f"metric.{key}"] = pd.Series([r.metrics.get(key, math.nan) for r in runs], dtype="float64")
+        columns[f"metric.{key}"] = _unclamped([r.metrics.get(key, math.nan) for r in runs])
 
     eval_keys = [k for k in metric_keys if k.startswith(EVAL_PREFIX)]
     best, source = _best_values(client, runs, eval_keys, exact_best)
     for key, values in best.items():
-        columns[f"best.{key}"] = pd.Series(values, dtype="float64")
+        columns[f"best.{key}"] = _unclamped(values)
 
     frame = pd.DataFrame(columns)
     frame.attrs.update(

@@ -1,11 +1,14 @@
 """Paper-style ablation tables: swept axis in the rows, NFE (or any column) across, mean ± std over seeds.
 
-Incomplete data is part of the table, never averaged away: only FINISHED trials enter the
-statistics, every cell states how many seeds it holds out of how many the sweep ran
-("0.051 ± 0.003 (2/3)", or "— (0/3 finished)" when none finished), and ``notes`` says which
-seed is FAILED, still RUNNING, has no run at all, or finished without logging the metric.
+Incomplete data is part of the table, never averaged away: only FINISHED trials with a finite
+value enter the statistics, every cell states how many seeds it holds out of how many the sweep
+ran ("0.051 ± 0.003 (2/3)", "12.25 ± 0.35 (2/3, 1 diverged)", or "— (0/3 finished)" when none
+finished), and ``notes`` says which seed is FAILED, still RUNNING, has no run at all, diverged
+(logged NaN or ±inf), or finished without logging the metric. A cell with a diverged seed is
+never marked best: its mean hides the seed that blew up.
 The expected seed set of a cell is the union of the seeds seen anywhere in the frame (or the
 ``expected_seeds`` argument), so a seed that crashed before its run was created still counts.
+A row never mixes configs: only the runs of its newest config enter it (see :func:`select_runs`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "resolve_metric",
     "resolve_rows",
     "nfe_columns",
+    "select_runs",
 ]
 
 FINISHED = "FINISHED"
@@ -284,7 +288,7 @@ class AblationTable:
     frame: index = row keys; columns = MultiIndex (column label, field) with fields
            ``*agg, "n", "n_expected", "is_best"``.
     cells: same shape, the display strings ("mean ± std (n)").
-    long:  one row per cell with every count (n_failed, n_running, n_missing, n_no_metric).
+    long:  one row per cell with every count (n_failed, n_running, n_missing, n_no_metric, n_diverged).
     notes: human-readable reasons for every incomplete cell.
     """
 
@@ -390,6 +394,41 @@ def _latex_cell(text: str, best: bool) -> str:
     return f"\\textbf{{{escaped}}}" if best else escaped
 
 
+def config_identity(df: pd.DataFrame) -> list[tuple]:
+    """A seed-free identity of each run's config: its params except the seed and runtime.*.
+
+    Why not tag ctmlab.config_hash: that hash covers the seed, so each seed of one config has its
+    own. Like the hash, the identity ignores runtime.*; a run tagged ctmlab.teacher_hash is
+    identified by that hash instead of its teacher.checkpoint path, which depends on the sweep root.
+    """
+    names = [c for c in df.columns if c.startswith("param.") and not c.startswith("param.runtime.")
+             and not _is_seed_axis(c[len("param."):])]
+    columns = [[_hashable(v) for v in df[c].tolist()] for c in names]
+    teacher = "tag.ctmlab.teacher_hash"
+    if teacher in df.columns and "param.teacher.checkpoint" in names:
+        hashes = [_hashable(v) for v in df[teacher].tolist()]
+        position = names.index("param.teacher.checkpoint")
+        columns[position] = [f"teacher-config:{h}" if h is not None else v for h, v in zip(hashes, columns[position])]
+    return list(zip(*columns)) if columns else [()] * len(df)
+
+
+def _newest_config(units: pd.DataFrame, group: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep, per group (a row, or a row x column value), the runs of the config started last.
+
+    Why: mixing configs silently makes a cell look complete when its seeds come from different
+    settings (a relaunch with new settings whose seed 2 still runs would borrow the old seed 2).
+    "Started last" = the newest start_time of any of the config's runs (frame order breaks ties).
+    Returns (kept, left out).
+    """
+    ordered = units.sort_values(["_start", "_i"], na_position="first", kind="stable")
+    newest = {}
+    for key, config in zip(zip(*(ordered[g] for g in group)), ordered["_config"]):
+        newest[key] = config
+    keep = [newest[key] == config for key, config in zip(zip(*(units[g] for g in group)), units["_config"])]
+    mask = np.asarray(keep, dtype=bool)
+    return units[mask], units[~mask]
+
+
 def _choose_runs(units: pd.DataFrame, group: list[str]) -> tuple[pd.DataFrame, int]:
     """One run per (row, column group, seed): FINISHED first, then RUNNING, then the newest."""
     rank = units["status"].map(lambda s: 0 if s == FINISHED else 1 if s in RUNNING_STATES else 2)
@@ -398,10 +437,50 @@ def _choose_runs(units: pd.DataFrame, group: list[str]) -> tuple[pd.DataFrame, i
     return chosen.drop(columns="_rank"), len(units) - len(chosen)
 
 
-def _issue_text(failed: list, running: list, missing: list, no_metric: list) -> str:
+def _units(df: pd.DataFrame, row_key: list[tuple], col_group: list, seeds: str | None) -> pd.DataFrame:
+    """One row per run with what run selection needs: row, column group, seed, status, start, config."""
+    real_seeds = [_hashable(v) for v in df[seeds]] if seeds is not None else [None] * len(df)
+    # A run without a seed is its own repeat (never merged with other seedless runs).
+    seed_values = [s if s is not None else f"run {r}" for s, r in zip(real_seeds, df["run_id"])]
+    return pd.DataFrame({
+        "_row": row_key,
+        "_col": [("g", g) for g in col_group],  # wrap so that None groups survive drop_duplicates
+        "_seed": seed_values,
+        "status": df["status"].astype(object).tolist(),
+        "_start": df["start_time"] if "start_time" in df.columns else pd.Series(pd.NaT, index=df.index),
+        "_i": np.arange(len(df)),
+        "_config": config_identity(df),
+    }, index=df.index)
+
+
+def select_runs(df: pd.DataFrame, rows: str | Sequence[str] = "axis", seeds: str | None = "tag.ctmlab.seed") -> pd.DataFrame:
+    """The runs :func:`ablation_table` (cols="nfe") uses: per row the newest config only, then one
+    run per seed (FINISHED first, then RUNNING, then the newest), so figures match the table."""
+    if seeds is not None and seeds not in df.columns:
+        raise ValueError(f"seeds={seeds!r} is not a column of df")
+    keys = resolve_rows(df, rows)
+    units = _units(df, [tuple(t) for t in keys.itertuples(index=False, name=None)], [None] * len(df), seeds)
+    current, _ = _newest_config(units, ["_row"])
+    chosen, _ = _choose_runs(current, ["_row", "_col", "_seed"])
+    return df.iloc[sorted(chosen["_i"])]
+
+
+def _is_diverged(df: pd.DataFrame, column: str, i: int, value: Any) -> bool:
+    """A FINISHED run's missing value is divergence when it is ±inf or was logged as NaN
+    (load_runs lists those keys in ``nan_metrics``; without that column NaN means not logged)."""
+    if value is not None and not pd.isna(value):
+        return math.isinf(float(value))
+    if "nan_metrics" not in df.columns:
+        return False
+    logged_nan = df["nan_metrics"].iat[i]
+    key = column.split(".", 1)[1]
+    return isinstance(logged_nan, (tuple, list)) and (key in logged_nan or f"best/{key}" in logged_nan)
+
+
+def _issue_text(failed: list, running: list, missing: list, no_metric: list, diverged: list) -> str:
     parts = []
     for seeds, what in ((failed, "failed/killed"), (running, "still running"), (missing, "no run"),
-                        (no_metric, "finished without this metric")):
+                        (diverged, "diverged (non-finite value)"), (no_metric, "finished without this metric")):
         if seeds:
             parts.append(f"seed {', '.join(str(s) for s in sorted(seeds, key=str))} {what}")
     return "; ".join(parts)
@@ -482,17 +561,10 @@ def ablation_table(
                        for v in values]
 
     real_seeds = [_hashable(v) for v in df[seeds]] if seeds is not None else [None] * len(df)
-    # A run without a seed is its own repeat (never merged with other seedless runs).
-    seed_values = [s if s is not None else f"run {r}" for s, r in zip(real_seeds, df["run_id"])]
-    units = pd.DataFrame({
-        "_row": row_key,
-        "_col": [("g", g) for g in col_group],  # wrap so that None groups survive drop_duplicates
-        "_seed": seed_values,
-        "status": df["status"].astype(object).tolist(),
-        "_start": df["start_time"] if "start_time" in df.columns else pd.Series(pd.NaT, index=df.index),
-        "_i": np.arange(len(df)),
-    }, index=df.index)
-    chosen, superseded = _choose_runs(units, ["_row", "_col", "_seed"])
+    units = _units(df, row_key, col_group, seeds)
+    # A column of a swept value holds configs of its own; a column per seed does not.
+    current, stale = _newest_config(units, ["_row"] if seeds_across else ["_row", "_col"])
+    chosen, superseded = _choose_runs(current, ["_row", "_col", "_seed"])
 
     if seeds is None:
         universe = None
@@ -522,12 +594,14 @@ def ablation_table(
                 expected = {spec["value"]} | present
             else:
                 expected = universe | present
-            values, failed, running, no_metric = [], [], [], []
+            values, failed, running, no_metric, diverged = [], [], [], [], []
             for seed, status, i in zip(cell["_seed"], cell["status"], cell["_i"]):
                 if status == FINISHED:
                     value = df[spec["column"]].iat[i]
-                    if pd.notna(value):
+                    if value is not None and pd.notna(value) and math.isfinite(float(value)):
                         values.append(float(value))
+                    elif _is_diverged(df, spec["column"], i, value):
+                        diverged.append(seed)
                     else:
                         no_metric.append(seed)
                 elif status in RUNNING_STATES:
@@ -539,27 +613,29 @@ def ablation_table(
             record = {"_key": key, "column": spec["label"]}
             record.update({a: _aggregate(array, a, ddof) for a in agg})
             record.update(n=len(values), n_expected=len(expected), n_failed=len(failed),
-                          n_running=len(running), n_missing=len(missing), n_no_metric=len(no_metric))
+                          n_running=len(running), n_missing=len(missing), n_no_metric=len(no_metric),
+                          n_diverged=len(diverged))
             records.append(record)
-            issue = _issue_text(failed, running, missing, no_metric)
+            issue = _issue_text(failed, running, missing, no_metric, diverged)
             if issue:
                 cell_issues.setdefault(key, {})[spec["label"]] = issue
 
     long = pd.DataFrame.from_records(records)
-    # Mark the best cell of each column among cells holding at least one finished value.
+    # Mark the best cell of each column among cells holding a finished value and no diverged seed.
     long["is_best"] = False
     for label, part in long.groupby("column", sort=False):
-        scored = part[part["n"] > 0]
+        scored = part[(part["n"] > 0) & (part["n_diverged"] == 0)]
         if scored.empty:
             continue
         target = scored[center].min() if lower_is_better else scored[center].max()
         long.loc[scored.index[scored[center] == target], "is_best"] = True
 
     def text(rec: pd.Series) -> str:
+        diverged = f", {rec['n_diverged']} diverged" if rec["n_diverged"] else ""
         if rec["n"] == 0:
-            return f"— (0/{rec['n_expected']} finished)"
-        count = f"({rec['n']})" if rec["n"] == rec["n_expected"] else f"({rec['n']}/{rec['n_expected']})"
-        return f"{format_estimate(rec[center], rec[spread] if spread else None, digits)} {count}"
+            return f"— (0/{rec['n_expected']} finished{diverged})"
+        count = f"{rec['n']}" if rec["n"] == rec["n_expected"] else f"{rec['n']}/{rec['n_expected']}"
+        return f"{format_estimate(rec[center], rec[spread] if spread else None, digits)} ({count}{diverged})"
 
     long["cell"] = long.apply(text, axis=1)
 
@@ -586,6 +662,10 @@ def ablation_table(
 
     notes = []
     for key in row_order:
+        older = [config for row, config in zip(stale["_row"], stale["_config"]) if row == key]
+        if older:
+            notes.append(f"{_row_label(row_names, key)}: {len(older)} run(s) of {len(set(older))} older "
+                         "config(s) left out (only the newest config of a row is tabulated)")
         issues = cell_issues.get(key)
         if not issues:
             continue
@@ -608,7 +688,8 @@ def ablation_table(
     stat_text = f"{center} ± {spread}" if spread else center
     caption = (f"{metric} ({'last logged value' if which == 'final' else 'best over training'}); "
                f"{stat_text} over seeds of FINISHED trials, (n) or (n finished/n expected); "
-               f"{'lower' if lower_is_better else 'higher'} is better, best per column in bold.")
+               f"{'lower' if lower_is_better else 'higher'} is better, best per column in bold "
+               "(never a cell with diverged seeds).")
     return AblationTable(
         frame=frame, cells=cells_frame, long=long, notes=notes, row_names=row_names, columns=columns,
         metric_key=metric_key, caption=caption, lower_is_better=lower_is_better, agg=agg, title=title,

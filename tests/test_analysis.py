@@ -377,3 +377,138 @@ def test_report_unknown_sweep_lists_known_ones(store, capsys):
 
     assert main(["no_such_sweep", "--tracking-uri", store["uri"], "--no-plots"]) == 2
     assert "ablation_dsm" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- relaunches and divergence
+# A second store: "ablation_ema" launched twice with different settings (smoke, then paper with more
+# steps) and "ablation_dsm" whose seeds diverge (NaN or inf logged) or skip the metric.
+OLD_STEPS, NEW_STEPS = 100, 200
+
+
+def _log_run(client, exp_id, parent_id, sweep, mu, seed, status, history, *, steps, budget, start):
+    """One trial with the launcher's tags and params (seed and runtime.* included, as the launcher logs them)."""
+    tags = {"mlflow.parentRunId": parent_id, "ctmlab.sweep": sweep, "ctmlab.role": "trial", "ctmlab.seed": str(seed),
+            "ctmlab.variant": f"ema.mu={mu:g}", "ctmlab.axes": json.dumps({"ema.mu": mu}), "ctmlab.budget": budget,
+            "ctmlab.config_hash": f"{mu:g}-{steps}-{seed}"}
+    run_id = client.create_run(exp_id, tags=tags, start_time=start).info.run_id
+    params = [Param("ema.mu", repr(mu)), Param("train.steps", str(steps)), Param("seed", str(seed)),
+              Param("runtime.out_dir", f"/runs/{budget}/{mu:g}-s{seed}-{start}")]
+    metrics = [Metric(key, value, start + step, step) for key, values in history.items() for step, value in enumerate(values)]
+    _batched_log(client, run_id, metrics, params)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def revisions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("revisions")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("ctm-lab", artifact_location=str(root / "artifacts"))
+    clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 1000))
+    parents, histories = {}, {}
+
+    def trial(parent, sweep, mu, seed, status, history, steps, budget):
+        run_id = _log_run(client, exp_id, parents[parent], sweep, mu, seed, status, history, steps=steps,
+                          budget=budget, start=next(clock))
+        histories[run_id] = history
+
+    for parent, budget in (("old", "smoke"), ("new", "paper"), ("dsm", "smoke")):
+        sweep = "ablation_dsm" if parent == "dsm" else SWEEP
+        parents[parent] = client.create_run(exp_id, tags={"ctmlab.sweep": sweep, "ctmlab.role": "sweep",
+                                                          "ctmlab.budget": budget}, start_time=next(clock)).info.run_id
+    for seed in SEEDS:  # the first launch: all three seeds of mu=0.99 finished
+        trial("old", SWEEP, 0.99, seed, "FINISHED", {"eval/sw2/nfe1": [1.0, 0.5 + 0.01 * seed]}, OLD_STEPS, "smoke")
+    for seed, status in ((0, "FINISHED"), (1, "FINISHED"), (2, "RUNNING")):  # the relaunch: seed 2 still runs
+        trial("new", SWEEP, 0.99, seed, status, {"eval/sw2/nfe1": [0.8, 0.3 + 0.02 * seed][: 1 + (status == "FINISHED")]},
+              NEW_STEPS, "paper")
+    for seed, value in ((0, 0.7), (0, 0.6), (1, 0.65)):  # mu=0.9: seed 0 ran twice with the same config
+        trial("new", SWEEP, 0.9, seed, "FINISHED", {"eval/sw2/nfe1": [0.9, value]}, NEW_STEPS, "paper")
+    finals = {0.1: (12.0, math.nan, 12.5), 0.2: (13.0, 13.1, 13.2), 0.3: (11.0, math.inf, 11.5), 0.4: (None, 20.0, 21.0)}
+    for mu, values in finals.items():
+        for seed, value in zip(SEEDS, values):
+            history = {"train/loss": [1.0]} if value is None else {"eval/sw2/nfe1": [15.0, value]}
+            trial("dsm", "ablation_dsm", mu, seed, "FINISHED", history, OLD_STEPS, "smoke")
+    return {"uri": uri, "parents": parents, "histories": histories}
+
+
+def test_table_uses_only_the_newest_config_of_a_row(revisions):
+    df = load_runs("ctm-lab", sweep=SWEEP, tracking_uri=revisions["uri"])
+    table = ablation_table(df, rows="axis", metric="sw2")
+    new = df[(df["param.train.steps"] == NEW_STEPS) & (df["param.ema.mu"] == 0.99) & (df["status"] == "FINISHED")]
+    cell = table.frame.loc[0.99, "NFE 1"]
+    assert (cell["n"], cell["n_expected"]) == (2, 3)  # the old config's FINISHED seed 2 is not borrowed
+    assert cell["mean"] == pytest.approx(new["metric.eval/sw2/nfe1"].mean(), rel=1e-12)
+    assert table.cells.loc[0.99, "NFE 1"].endswith("(2/3)")
+    notes = "\n".join(table.notes)
+    assert "0.99: 3 run(s) of 1 older config(s) left out" in notes and "0.99: seed 2 still running" in notes
+    assert "0.9: seed 2 no run" in notes and "0.9: 1 run(s)" not in notes  # mu=0.9 has one config
+    assert "1 duplicate run(s)" in notes
+    # The seed-0 re-run of mu=0.9 is one seed: the newest run counts.
+    newest = df[df["param.ema.mu"] == 0.9].sort_values("start_time").drop_duplicates("tag.ctmlab.seed", keep="last")
+    assert table.frame.loc[0.9, ("NFE 1", "n")] == 2
+    assert table.frame.loc[0.9, ("NFE 1", "mean")] == pytest.approx(newest["metric.eval/sw2/nfe1"].mean(), rel=1e-12)
+
+
+def test_step_plot_uses_the_table_runs_one_per_seed(revisions):
+    df = load_runs("ctm-lab", sweep=SWEEP, tracking_uri=revisions["uri"])
+    fig = analysis.plot_metric_vs_step(df, "eval/sw2/nfe1")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"0.9 (n=2)", "0.99 (n=2)"}  # n counts seeds, not runs
+    for mu, label in ((0.99, "0.99 (n=2)"), (0.9, "0.9 (n=2)")):
+        runs = df[(df["param.ema.mu"] == mu) & (df["status"] == "FINISHED") & (df["param.train.steps"] == NEW_STEPS)]
+        runs = runs.sort_values("start_time").drop_duplicates("tag.ctmlab.seed", keep="last")
+        expected = np.mean([revisions["histories"][r]["eval/sw2/nfe1"] for r in runs["run_id"]], axis=0)
+        np.testing.assert_allclose(lines[label].get_ydata(), expected)
+
+
+def test_report_budget_and_parent_options(revisions, tmp_path):
+    from analysis.report import main
+
+    for flags, n, mean in ((["--budget", "smoke"], 3, np.mean([0.5, 0.51, 0.52])),
+                           (["--parent", revisions["parents"]["new"]], 2, np.mean([0.3, 0.32]))):
+        out = tmp_path / flags[0].strip("-")
+        assert main([SWEEP, "--tracking-uri", revisions["uri"], "--no-plots", "--out", str(out), *flags]) == 0
+        table = pd.read_csv(out / "table.csv").set_index(["ema.mu", "column"])
+        assert table.loc[(0.99, "NFE 1"), "n"] == n and table.loc[(0.99, "NFE 1"), "n_expected"] == 3
+        assert table.loc[(0.99, "NFE 1"), "mean"] == pytest.approx(mean, rel=1e-12)
+    assert set(table.index.get_level_values(0)) == {0.9, 0.99}
+    assert main([SWEEP, "--tracking-uri", revisions["uri"], "--no-plots", "--budget", "nope"]) == 2
+
+
+def test_diverged_seeds_are_counted_and_never_best(revisions):
+    df = load_runs("ctm-lab", sweep="ablation_dsm", tracking_uri=revisions["uri"])
+    pd.testing.assert_frame_equal(df, load_runs("ctm-lab", sweep="ablation_dsm", tracking_uri=revisions["uri"],
+                                                method="search"))
+    by_seed = df.set_index(["param.ema.mu", "tag.ctmlab.seed"])
+    assert by_seed.loc[(0.3, 1), "metric.eval/sw2/nfe1"] == math.inf  # not the SQL store's float max
+    assert "eval/sw2/nfe1" in by_seed.loc[(0.1, 1), "nan_metrics"]
+    assert by_seed.loc[(0.4, 0), "nan_metrics"] == () and math.isnan(by_seed.loc[(0.4, 0), "metric.eval/sw2/nfe1"])
+
+    table = ablation_table(df, rows="axis", metric="sw2")
+    assert table.cells.loc[0.1, "NFE 1"] == "12.25 ± 0.35 (2/3, 1 diverged)"
+    assert table.cells.loc[0.3, "NFE 1"] == "11.25 ± 0.35 (2/3, 1 diverged)"
+    best = table.frame[("NFE 1", "is_best")].astype(bool)
+    assert list(best[best].index) == [0.2]  # 0.3 and 0.1 have lower means but a seed that blew up
+    long = table.long.set_index("ema.mu")
+    assert list(long["n_diverged"]) == [1, 0, 1, 0] and list(long["n_no_metric"]) == [0, 0, 0, 1]
+    notes = "\n".join(table.notes)
+    assert "0.1: seed 1 diverged (non-finite value)" in notes and "0.3: seed 1 diverged" in notes
+    assert "0.4: seed 0 finished without this metric" in notes and "0.2:" not in notes
+    assert "**" not in next(line for line in table.to_markdown().splitlines() if line.startswith("| 0.1 |"))
+
+
+def test_config_identity_ignores_seed_runtime_and_teacher_path():
+    from analysis.tables import config_identity
+
+    frame = pd.DataFrame({
+        "param.seed": [0, 1, 2, 0],
+        "param.runtime.out_dir": ["/a/s0", "/b/s1", "/a/s2", "/a/s0b"],
+        "param.teacher.checkpoint": ["/a/teacher", "/b/teacher", "/a/teacher", "/a/teacher"],
+        "tag.ctmlab.teacher_hash": ["t1", "t1", "t1", "t1"],
+        "param.train.steps": [100, 100, 100, 200],
+    })
+    identity = config_identity(frame)
+    assert identity[0] == identity[1] == identity[2] != identity[3]
+    assert len(set(config_identity(frame.drop(columns="tag.ctmlab.teacher_hash")))) == 3  # paths differ
