@@ -546,6 +546,58 @@ def active_jobs_for(sweep_root: Path, out_dirs: Sequence[str]) -> dict[str, str]
     return {mine[j]: j for j, state in live.items() if j in mine and state.split()[0] in ACTIVE_STATES}
 
 
+def refuse_busy(sweep_root: Path, out_dirs: Sequence[str], sweep: str, args: Any, out) -> None:
+    """Refuse (a warning in a dry run) trials whose out_dir an earlier submission still trains into."""
+    busy = active_jobs_for(sweep_root, out_dirs)
+    if not busy:
+        return
+    listing = ", ".join(f"job {j} ({Path(d).name})" for d, j in busy.items())
+    message = (f"{len(busy)} trial(s) of {sweep!r} are still queued or running from an earlier submission: "
+               f"{listing}; wait for them or scancel them first (python sweeps/launch.py status {sweep})")
+    if not _arg(args, "dry_run", False):
+        raise SubmitError(message)
+    print(f"# WARNING: {message}", file=out)
+
+
+def _complete(out_dir: Path, steps: int) -> bool:
+    from ctm_core.checkpoint import list_checkpoints
+
+    found = list_checkpoints(out_dir)
+    return bool(found) and found[-1][0] >= steps
+
+
+def move_aside_finished(trials: Sequence[Any], tracking_uri: str, experiment: str, args: Any, out) -> list[Path]:
+    """What the local backend does before a launch (sweeps/launch.py): a trial that is to run again --
+    its config FINISHED and --force given, or its out_dir holds the last step without a FINISHED run --
+    gets its out_dir moved to <out_dir>.old-<budget>-<time>. Left in place, the job would resume at the
+    last step, train nothing and re-attach the old MLflow run to this launch. Call it only after
+    refuse_busy (no job of an earlier submission may still write there)."""
+    if _arg(args, "dry_run", False):
+        return []
+    finished: dict = {}
+    existing = [t for t in trials if Path(t.config.runtime.out_dir).exists()]
+    if _arg(args, "force", False) and existing:
+        from sweeps.tracking import ensure_experiment, finished_runs
+
+        finished = finished_runs(tracking_uri, ensure_experiment(tracking_uri, experiment),
+                                 [t.config_hash for t in existing])
+    stamp = f"{getattr(trials[0], 'budget', '')}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}".lstrip("-")
+    moved = []
+    for t in existing:
+        out_dir = Path(t.config.runtime.out_dir)
+        if t.config_hash in finished:
+            why = "--force re-runs a FINISHED config"
+        elif _complete(out_dir, int(t.config.train.steps)):
+            why = "its out dir is complete but the store has no FINISHED run"
+        else:
+            continue
+        target = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
+        os.replace(out_dir, target)
+        moved.append(target)
+        print(f"  {out_dir.name}: {why}; moved its out dir aside to {target.name}", file=out)
+    return moved
+
+
 def _write_jobs_file(sweep_root: Path, record: dict) -> Path:
     path = sweep_root / JOBS_FILE
     data = json.loads(path.read_text()) if path.is_file() else {"sweep": record["sweep"], "submissions": []}
@@ -591,14 +643,8 @@ def submit_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=None
         budget = getattr(prepared[0], "budget", None)
         print(f"# note: these trials ask for no GPU{f' (budget {budget})' if budget else ''} and run as CPU tasks on "
               f"{profile.name} nodes; the GPU setting is usually another budget (e.g. --budget paper)", file=out)
-    busy = active_jobs_for(sweep_root, [t.config.runtime.out_dir for t in prepared])
-    if busy:
-        listing = ", ".join(f"job {j} ({Path(d).name})" for d, j in busy.items())
-        message = (f"{len(busy)} trial(s) of {sweep!r} are still queued or running from an earlier submission: "
-                   f"{listing}; wait for them or scancel them first (python sweeps/launch.py status {sweep})")
-        if not _arg(args, "dry_run", False):
-            raise SubmitError(message)
-        print(f"# WARNING: {message}", file=out)
+    refuse_busy(sweep_root, [t.config.runtime.out_dir for t in prepared], sweep, args, out)
+    move_aside_finished(prepared, tracking_uri, experiment, args, out)
 
     if _arg(args, "dry_run", False):
         jobs = ([teacher] if teacher else []) + plans

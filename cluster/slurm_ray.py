@@ -15,9 +15,14 @@ Two users -- or two of your own jobs -- on one node must not collide, so each jo
 and the script never calls `ray stop` (which ends *every* Ray process of the user on the node):
 it ends exactly the srun steps it started.
 
+A sweep's teacher that is not trained yet is trained by the driver before Tune starts (the trials
+wait for it). Each submission has its own Tune experiment, named in its payload; a submission while
+trials of the sweep are still queued or running is refused.
+
 Preemption / time limit: SLURM signals the batch shell (USR2, `signal_delay_s` before the end);
-the script requeues the job. The next run starts the sweep again; every trial resumes from the
-newest checkpoint in its out_dir and continues its MLflow run (run id kept in the checkpoint).
+the script requeues the job. The next run restores the submission's Tune experiment; every trial
+resumes from the newest checkpoint in its out_dir and continues its MLflow run (run id kept in the
+checkpoint).
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ from typing import Any, Optional, Sequence
 
 from .profiles import ClusterProfile
 from .slurm import (SubmitError, Submission, _arg, _create_parent_run, _resources, _weights_note, _write_jobs_file,
-                    batch_plan, finalize_parent_run, job_layout, job_setup_lines, prepare_trial, resolve_tracking,
-                    submission_inputs)
+                    batch_plan, finalize_parent_run, job_layout, job_setup_lines, move_aside_finished, plan_teacher,
+                    prepare_trial, refuse_busy, resolve_tracking, submission_inputs)
 from .status import sweep_root_of
 
 RAY_DIR = "slurm-ray"
@@ -190,35 +195,51 @@ def submit_ray_sweep(spec: Any, trials: Sequence[Any], args: Any = None, *, out=
                               f"{profile.gpus_per_node}); use --backend slurm for multi-node trials")
         batch_plan(t.config, max(1, int(gpus)), str(t.index))
     tracking_uri, experiment = resolve_tracking(spec, args)
+    # The sweep's EDM teacher, when its trials need one not trained yet: the driver trains it (with the
+    # profile's trainer settings, as --backend slurm's teacher job does) before Tune starts the trials.
+    teacher = plan_teacher(spec, trials, profile, user_overrides, sweep_root, tracking_uri, "")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     run_dir = sweep_root / RAY_DIR / stamp
     payload = run_dir / "payload.pkl"
     script = render_ray_script(profile, alloc, f"ctm-ray-{sweep}", sweep_root / RAY_DIR, payload, tracking_uri,
                                profile.python)
     submission = Submission(sweep, sweep_root, sweep_root / RAY_DIR, [], None, scripts=[script])
-    note = _weights_note([t.config for t in prepared], profile)
+    note = _weights_note([t.config for t in prepared] + ([teacher.trials[0].config] if teacher else []), profile)
     if note:
         print(note, file=out)
+    # One allocation per sweep at a time: two would train into the same out_dirs.
+    refuse_busy(sweep_root, [t.config.runtime.out_dir for t in prepared], sweep, args, out)
     if _arg(args, "dry_run", False):
         print(f"# dry run: sweep {sweep!r}, {len(prepared)} trial(s) on Ray Tune inside one SLURM allocation "
               f"({alloc.nodes} node(s), {alloc.gpus_per_node} GPU(s)/node, {alloc.cpus_per_node} CPUs/node, "
               f"up to {alloc.concurrency} trials at once; profile {profile.name}); nothing submitted", file=out)
+        if teacher:
+            print(f"# the EDM teacher {teacher.trials[0].teacher_hash} trains first, in the driver, before the "
+                  f"trials start: {teacher.trials[0].config.runtime.out_dir}", file=out)
         print("--- sbatch script ---", file=out)
         print(script, file=out)
         return submission
 
+    move_aside_finished(prepared, tracking_uri, experiment, args, out)
     parent = _arg(args, "parent_run_id") or _create_parent_run(
         tracking_uri, experiment, sweep, len(prepared), "slurm-ray", str(getattr(prepared[0], "budget", "")),
         {"ctmlab.slurm_profile": profile.name, "ctmlab.sweep_root": str(sweep_root)})
     submission.parent_run_id = parent
     run_dir.mkdir(parents=True, exist_ok=True)
     # Plain data where possible (a requeued allocation may start after the checkout's code changed):
-    # trials as Trial.to_dict(), the sweep by its file (pickled only when it has none).
+    # trials as Trial.to_dict(), the sweep by its file (pickled only when it has none), the teacher's
+    # config as a dict. The Tune experiment is this submission's own (a requeue of the allocation
+    # restores it; a later launch starts a new one), and the driver rebuilds the sweep's plan with
+    # the user's --set items, so its teacher is the one the trials name.
+    from ctm_core.config import config_to_dict
+
     spec_path = getattr(spec, "path", None)
     payload.write_bytes(cloudpickle.dumps({
         "spec_path": str(spec_path) if spec_path else None, "spec": None if spec_path else spec,
         "trials": [t.to_dict() for t in prepared], "tracking_uri": tracking_uri, "experiment": experiment,
         "parent_run_id": parent, "max_concurrent": concurrency, "args": _plain_args(args),
+        "overrides": list(user_overrides), "tune_name": f"{RAY_DIR}-{stamp}",
+        "teacher": config_to_dict(teacher.trials[0].config) if teacher else None,
     }))
     script_path = run_dir / "job.sh"
     script_path.write_text(script)
@@ -262,14 +283,48 @@ def drive(payload_path: str | Path) -> int:
     spec = load_sweep(payload["spec_path"]) if payload["spec_path"] else payload["spec"]
     payload["spec"] = spec
     trials = [Trial.from_dict(t) for t in payload["trials"]]
+    if payload.get("teacher") is not None:   # the trials wait for it (sweeps.trial.wait_for_teacher)
+        try:
+            train_teacher(payload["teacher"])
+        except Exception as err:  # noqa: BLE001 -- no trial can run: close the parent run, fail the job
+            print(f"error: the sweep's teacher failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            finalize_parent_run(payload["tracking_uri"], payload["parent_run_id"], spec.name)
+            return 1
     ray_backend.run_sweep_on_ray(
         spec, trials, address="auto", tracking_uri=payload["tracking_uri"],
         experiment=payload["experiment"], parent_run_id=payload["parent_run_id"],
-        max_concurrent=payload["max_concurrent"],
+        max_concurrent=payload["max_concurrent"], overrides=tuple(payload.get("overrides", ())),
+        name=payload.get("tune_name") or f"{RAY_DIR}-{Path(payload_path).parent.name}",
         extra_tags={"ctmlab.slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
     status = finalize_parent_run(payload["tracking_uri"], payload["parent_run_id"], payload["spec"].name)
     print(f"sweep {payload['spec'].name}: parent run {payload['parent_run_id']} {status}", flush=True)
     return 0 if status == "FINISHED" else 1
+
+
+# The batch shell of an N-node allocation carries SLURM_PROCID=0 and SLURM_NTASKS=N, which the trainer
+# would read as a DDP group of N processes: the driver's teacher is one process.
+_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")
+
+
+def train_teacher(config_data: dict) -> str:
+    """Train the sweep's teacher (one process) unless its out_dir holds the last step; a requeued
+    allocation resumes it from its newest checkpoint."""
+    from ctm_core import checkpoint as ckpt
+    from ctm_core.config import config_from_dict
+    from ctm_core.train import train
+
+    config = config_from_dict(config_data)
+    found = ckpt.list_checkpoints(config.runtime.out_dir)
+    if found and found[-1][0] >= config.train.steps:
+        print(f"teacher: cached {config.runtime.out_dir}", flush=True)
+    else:
+        print(f"teacher: training {config.runtime.out_dir} ({config.train.steps} steps)", flush=True)
+        saved = {name: os.environ.pop(name) for name in _RANK_VARS if name in os.environ}
+        try:
+            train(config)
+        finally:
+            os.environ.update(saved)
+    return str(config.runtime.out_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

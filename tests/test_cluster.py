@@ -223,6 +223,7 @@ def test_dry_run_of_slurm_ray_renders_a_private_ray_cluster(tmp_path, monkeypatc
     assert script.count("srun --overlap") == 2 and "ray stop" not in script
     assert 'ray_tmp="/tmp/ray-$(id -u)-$job"' in script and 'export RAY_ADDRESS="$head_ip:$ray_gcs_port"' in script
     assert "-m cluster.slurm_ray drive" in script and "scontrol requeue" in script
+    assert "the EDM teacher" in out.getvalue() and "trains first, in the driver" in out.getvalue()
     assert "export RAY_AUTH_MODE=token" in script and "export RAY_AUTH_TOKEN" in script   # a token per job
     assert "trap 'exit 143' TERM" in script and "trap cleanup EXIT" in script and 'rm -rf "$ray_tmp"' in script
     # The bash port arithmetic agrees with ray_ports(), and two jobs get disjoint blocks.

@@ -268,3 +268,154 @@ def test_slurm_ray_runs_the_tune_sweep_on_a_private_ray_cluster_in_one_allocatio
     assert parent.info.status == "FINISHED" and parent.data.tags["ctmlab.backend"] == "slurm-ray"
     status = _launch(capsys, "status", str(sweep), "--budget", "smoke", "--root", str(root))
     assert "2 trials: 2 COMPLETED" in status
+
+
+TEACHER_SWEEP = """\
+name: {name}
+description: tiny CTM sweep with its own EDM teacher, for the SLURM tests
+set:
+  mode: ctm
+  data.spec: toy:gmm2d_8
+  data.batch_size: 32
+  model.arch: mlp
+  model.hidden: 32
+  model.depth: 2
+  model.emb_dim: 16
+  ctm.num_points: 8
+  ctm.max_steps: 7
+  eval.every: 0
+  eval.nfe: [1]
+  eval.teacher_steps: 4
+  eval.num_samples: 200
+  train.steps: 20
+  train.log_every: 10
+  train.ckpt_every: 10
+teacher:
+  set:
+    data.spec: toy:gmm2d_8
+    data.batch_size: 32
+    model.arch: mlp
+    model.hidden: 32
+    model.depth: 2
+    model.emb_dim: 16
+    eval.every: 0
+    eval.nfe: [1]
+    eval.teacher_steps: 4
+    eval.num_samples: 200
+    train.steps: 40
+    train.log_every: 20
+    train.ckpt_every: 20
+axes:
+  optim.lr: [0.001]
+seeds: [0]
+metric: train/loss_ctm
+resources: {{cpus: 1, gpus: 0}}
+"""
+
+
+def _ray_log(root: Path, job_id: str):
+    log = root / "slurm-ray" / f"{job_id}.out"
+    return lambda: "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else "(no log)"
+
+
+def _wait_for_ray_job(root: Path, job_id: str, timeout: float = 300) -> None:
+    _wait_for(lambda: job_id not in _squeue("-o", "%i"), timeout, f"Ray allocation {job_id} to finish",
+              _ray_log(root, job_id))
+
+
+def test_slurm_ray_trains_the_sweeps_teacher_before_its_trials(slurm_cluster, tmp_path, capsys):
+    """The trials wait for the teacher (sweeps.trial.wait_for_teacher): the allocation's driver trains it
+    first, with the --set items of the launch, instead of leaving the trials polling for ever."""
+    from sweeps.spec import load_sweep
+
+    sweep = tmp_path / "ray_teacher.yaml"
+    sweep.write_text(TEACHER_SWEEP.format(name="ray_teacher"))
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A --set item shared with the teacher changes the teacher (its hash and out_dir): the driver must
+    # build the plan with it, or it trains one teacher while the trials wait for another.
+    stdout = _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm-ray", "--profile", "local",
+                     "--root", str(root), "--tracking-uri", uri, "--set", "data.batch_size=16")
+    job_id = _jobs_record(root)["ray_job_id"]
+    assert f"submitted Ray allocation {job_id}" in stdout
+    plan = load_sweep(str(sweep)).plan("smoke", ["data.batch_size=16"], root)
+    teacher_dir = Path(plan.teacher_config.runtime.out_dir)
+    assert teacher_dir != Path(load_sweep(str(sweep)).plan("smoke", [], root).teacher_config.runtime.out_dir)
+    _wait_for_ray_job(root, job_id, 240)
+
+    from ctm_core.checkpoint import list_checkpoints
+
+    assert list_checkpoints(teacher_dir)[-1][0] == 40
+    assert "teacher: training" in (root / "slurm-ray" / f"{job_id}.out").read_text(errors="replace")
+    trials = [r for r in _runs(uri, "ray_teacher") if r.data.tags.get("ctmlab.role") == "trial"]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED", [r.info.status for r in trials]
+    assert trials[0].data.params["teacher.checkpoint"] == str(teacher_dir)
+
+
+def test_slurm_ray_refuses_a_second_allocation_while_the_first_is_queued_or_running(slurm_cluster, tmp_path,
+                                                                                     capsys):
+    sweep = _sweep_file(tmp_path, "ray_twice", steps=3000, ckpt_every=500)
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (str(sweep), "--budget", "smoke", "--backend", "slurm-ray", "--profile", "local", "--root", str(root),
+            "--tracking-uri", uri)
+    _launch(capsys, *args)
+    job_id = _jobs_record(root)["ray_job_id"]
+    try:
+        with pytest.raises(SystemExit) as refused:
+            _launch(capsys, *args)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "still queued or running" in err and f"job {job_id}" in err
+        assert len(json.loads((root / "slurm_jobs.json").read_text())["submissions"]) == 1   # nothing submitted
+        assert len(list((root / "slurm-ray").glob("*/job.sh"))) == 1
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+        _wait_for(lambda: job_id not in _squeue("-t", "PENDING,RUNNING,COMPLETING", "-o", "%i"), 60,
+                  "the cancelled allocation to leave the queue")
+
+
+def test_a_later_slurm_ray_launch_runs_its_own_tune_experiment(slurm_cluster, tmp_path, capsys):
+    """Each submission has its own Tune experiment (a requeued allocation restores its own): a second
+    launch must run its trials, not restore the first launch's finished experiment."""
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents = []
+    for lr in ("0.001", "0.002"):
+        sweep = _sweep_file(tmp_path, "ray_again", lrs=f"[{lr}]")
+        _launch(capsys, str(sweep), "--budget", "smoke", "--backend", "slurm-ray", "--profile", "local",
+                "--root", str(root), "--tracking-uri", uri)
+        record = _jobs_record(root)
+        _wait_for_ray_job(root, record["ray_job_id"])
+        parents.append(record["parent_run_id"])
+        out_dir = Path(record["jobs"][0]["out_dir"])
+        assert json.loads((out_dir / "final_metrics.json").read_text())["step"] == 30, f"lr {lr} did not run"
+    runs = _runs(uri, "ray_again")
+    trials = [r for r in runs if r.data.tags.get("ctmlab.role") == "trial"]
+    assert sorted(r.data.params["optim.lr"] for r in trials) == ["0.001", "0.002"]
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.data.tags.get("ctmlab.role"), r.info.status) for r in runs]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == set(parents)
+    assert len(list((root / "tune").iterdir())) == 2          # one Tune experiment per submission
+
+
+def test_force_on_slurm_moves_a_finished_trials_out_dir_aside_and_trains_it_again(slurm_cluster, tmp_path, capsys):
+    """--force re-runs a FINISHED config. Left in place, its out_dir would make the job resume at the last
+    step, train nothing and pull the old MLflow run over to the new launch."""
+    sweep = _sweep_file(tmp_path, "slurm_force")
+    root, uri = tmp_path / "root", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (str(sweep), "--budget", "smoke", "--backend", "slurm", "--profile", "local", "--root", str(root),
+            "--tracking-uri", uri)
+    records = []
+    for extra in ((), ("--force",)):
+        stdout = _launch(capsys, *args, *extra)
+        record = _jobs_record(root)
+        records.append(record)
+        job = record["jobs"][0]
+        _wait_for(lambda: not [j for j in _squeue("-o", "%i") if j.split("_")[0] in
+                               (job["array_job_id"], record["finalize_job_id"])], 180,
+                  "the trial and its finalizer to finish", lambda: _logs(root / "slurm"))
+    assert "moved its out dir aside" in stdout
+    out_dir = Path(records[1]["jobs"][0]["out_dir"])
+    (old,) = out_dir.parent.glob(f"{out_dir.name}.old-*")
+    assert (old / "final_metrics.json").is_file() and (out_dir / "final_metrics.json").is_file()
+    attempts = [json.loads(line) for line in (out_dir / "slurm_attempts.jsonl").read_text().splitlines()]
+    assert [a["start_step"] for a in attempts] == [0]              # trained from scratch, not resumed at 30
+    trials = [r for r in _runs(uri, "slurm_force") if r.data.tags.get("ctmlab.role") == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert sorted(r.data.tags["mlflow.parentRunId"] for r in trials) == sorted(r["parent_run_id"] for r in records)
