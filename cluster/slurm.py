@@ -559,19 +559,12 @@ def refuse_busy(sweep_root: Path, out_dirs: Sequence[str], sweep: str, args: Any
     print(f"# WARNING: {message}", file=out)
 
 
-def _complete(out_dir: Path, steps: int) -> bool:
-    from ctm_core.checkpoint import list_checkpoints
-
-    found = list_checkpoints(out_dir)
-    return bool(found) and found[-1][0] >= steps
-
-
 def move_aside_finished(trials: Sequence[Any], tracking_uri: str, experiment: str, args: Any, out) -> list[Path]:
-    """What the local backend does before a launch (sweeps/launch.py): a trial that is to run again --
-    its config FINISHED and --force given, or its out_dir holds the last step without a FINISHED run --
-    gets its out_dir moved to <out_dir>.old-<budget>-<time>. Left in place, the job would resume at the
-    last step, train nothing and re-attach the old MLflow run to this launch. Call it only after
-    refuse_busy (no job of an earlier submission may still write there)."""
+    """The local backend's rule before a launch (sweeps.trial.move_aside_stale), on a real submission.
+    Left in place, a job would resume at the last step, train nothing and re-attach the old MLflow run
+    to this launch. Call it only after refuse_busy (no job of an earlier submission may still write there)."""
+    from sweeps.trial import move_aside_stale
+
     if _arg(args, "dry_run", False):
         return []
     finished: dict = {}
@@ -582,20 +575,7 @@ def move_aside_finished(trials: Sequence[Any], tracking_uri: str, experiment: st
         finished = finished_runs(tracking_uri, ensure_experiment(tracking_uri, experiment),
                                  [t.config_hash for t in existing])
     stamp = f"{getattr(trials[0], 'budget', '')}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}".lstrip("-")
-    moved = []
-    for t in existing:
-        out_dir = Path(t.config.runtime.out_dir)
-        if t.config_hash in finished:
-            why = "--force re-runs a FINISHED config"
-        elif _complete(out_dir, int(t.config.train.steps)):
-            why = "its out dir is complete but the store has no FINISHED run"
-        else:
-            continue
-        target = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
-        os.replace(out_dir, target)
-        moved.append(target)
-        print(f"  {out_dir.name}: {why}; moved its out dir aside to {target.name}", file=out)
-    return moved
+    return move_aside_stale(existing, finished, stamp, out)
 
 
 def _write_jobs_file(sweep_root: Path, record: dict) -> Path:

@@ -24,7 +24,6 @@ import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -199,18 +198,26 @@ def latest_state(plan: SweepPlan) -> dict[str, Any] | None:
     return max(found, key=lambda s: s["created"]) if found else None
 
 
-def _move_aside(trial: Trial, launch_id: str, why: str) -> None:
-    if trial.out_dir.exists():
-        target = trial.out_dir.with_name(f"{trial.out_dir.name}.old-{launch_id}")
-        shutil.move(str(trial.out_dir), target)
-        print(f"  {trial.name}: {why}; moved its out dir aside to {target.name}")
+def _new_state(plan: SweepPlan, args: argparse.Namespace, launch_id: str, parent: str, to_run: Sequence[Trial],
+               skipped: dict[str, Any]) -> dict[str, Any]:
+    """What --resume needs to continue this launch as it was started (--force included)."""
+    return {"launch_id": launch_id, "sweep": plan.spec.name, "budget": plan.budget.name,
+            "overrides": list(args.overrides), "backend": args.backend, "tracking_uri": args.tracking_uri,
+            "experiment": args.experiment, "parent_run_id": parent, "tune_name": launch_id,
+            "trials": [t.config_hash for t in to_run], "skipped": {h: r.info.run_id for h, r in skipped.items()},
+            "force": bool(args.force), "created": time.time(), "status": "running"}
 
 
-def _complete_out_dir(trial: Trial) -> bool:
-    from ctm_core.checkpoint import list_checkpoints
-
-    found = list_checkpoints(trial.out_dir)
-    return bool(found) and found[-1][0] >= trial.config.train.steps
+def _resume_state(plan: SweepPlan, args: argparse.Namespace) -> dict[str, Any]:
+    """The launch --resume continues; a forced launch stays forced (its trials must not reuse old runs)."""
+    state = latest_state(plan)
+    if state is None:
+        raise SweepError(f"--resume: no earlier launch of {plan.spec.name!r} [{plan.budget.name}] under {plan.root}")
+    if args.overrides and list(args.overrides) != state["overrides"]:
+        raise SweepError(f"--resume continues launch {state['launch_id']} made with --set {state['overrides']}; "
+                         "drop --set (or start a new launch without --resume)")
+    args.force = bool(args.force or state.get("force"))
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,13 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_sweep(args.name)
         plan = spec.plan(args.budget, trainer_overrides, args.root)
-        if args.resume:
-            state = latest_state(plan)
-            if state is None:
-                raise SweepError(f"--resume: no earlier launch of {spec.name!r} [{args.budget}] under {plan.root}")
-            if args.overrides and list(args.overrides) != state["overrides"]:
-                raise SweepError(f"--resume continues launch {state['launch_id']} made with --set {state['overrides']}; "
-                                 "drop --set (or start a new launch without --resume)")
+        state = _resume_state(plan, args) if args.resume else None
+        if state is not None:
             plan = spec.plan(args.budget, _split_overrides(state["overrides"])[1], args.root)
         trials = plan.trials()
     except UnknownSweepError as err:
@@ -310,14 +312,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. A local launch's teacher starts training now, in its own process, before the MLflow import and
     #    the store: it is the launch's critical path (it is cancelled below if de-duplication leaves
-    #    nothing to run; a daemon process, it dies with the launcher on any error before that).
+    #    nothing to run, and on any error: the exit handler's os._exit would leave it running).
     teacher_job = None
     teacher_start = time.time()
     if not args.dry_run and backend not in _cluster_backends():
         from sweeps.trial import TeacherJob
 
         teacher_job = TeacherJob(plan).start()
+    try:
+        return _launch(args, spec, plan, trials, state, teacher_job, teacher_start)
+    except SweepError as err:  # refused by the store (e.g. a deleted experiment)
+        print(f"error: {err}", file=sys.stderr)
+        _stop_after_error(teacher_job)
+        return 2
+    except BaseException:
+        _stop_after_error(teacher_job)
+        raise
 
+
+def _stop_after_error(teacher_job) -> None:
+    """Nothing may outlive a failed launch: its teacher process and its local Ray instance."""
+    if teacher_job is not None:
+        teacher_job.cancel()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        _shutdown_ray({})
+
+
+def _launch(args: argparse.Namespace, spec, plan: SweepPlan, trials: list[Trial], state: dict[str, Any] | None,
+            teacher_job, teacher_start: float) -> int:
+    """The rest of main (the dry run, steps 3-6), once the sweep is validated and its teacher has started."""
+    backend = args.backend
     from sweeps import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri, spec.tracking.get("uri"))
@@ -358,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ray_backend.start_ray(backend if backend.startswith("ray://") else None, plan.root, args.num_cpus,
                                   args.num_gpus, ray_env)
             ray_ready = time.time()
-        experiment_id = store.result()
+        try:
+            experiment_id = store.result()
+        except ValueError as err:  # e.g. a deleted experiment: refused input, not a crash
+            raise SweepError(f"MLflow store {uri}: {err}") from err
 
     # 4. De-duplication and the parent run.
     if args.resume:
@@ -377,12 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = {} if args.force else finished
         to_run = [t for t in trials if t.config_hash not in skipped]
         launch_id = f"{plan.budget.name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        if backend not in _cluster_backends():
-            for t in to_run:
-                if t.config_hash in finished:
-                    _move_aside(t, launch_id, "--force re-runs a FINISHED config")
-                elif _complete_out_dir(t):
-                    _move_aside(t, launch_id, "its out dir is complete but the store has no FINISHED run")
+        if backend not in _cluster_backends():  # the cluster backends do it once no earlier job is busy
+            from sweeps.trial import move_aside_stale
+
+            move_aside_stale(to_run, finished, launch_id)
         parent = None
     for t in trials:
         if t.config_hash not in skipped:
@@ -410,11 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tags["ctmlab.reused_runs"] = json.dumps({h: r.info.run_id for h, r in skipped.items()})
         parent = tracking.start_parent_run(uri, experiment_id, spec.name, plan.budget.name,
                                            f"{spec.name} [{plan.budget.name}] {launch_id}", params, tags)
-        state = {"launch_id": launch_id, "sweep": spec.name, "budget": plan.budget.name,
-                 "overrides": list(args.overrides), "backend": backend, "tracking_uri": uri,
-                 "experiment": experiment, "parent_run_id": parent, "tune_name": launch_id,
-                 "trials": [t.config_hash for t in to_run], "skipped": {h: r.info.run_id for h, r in skipped.items()},
-                 "created": time.time(), "status": "running"}
+        state = _new_state(plan, args, launch_id, parent, to_run, skipped)
         _write_state(plan, state)
         print(f"launch {launch_id}: {len(to_run)} trial(s) to run, {len(skipped)} skipped; "
               f"MLflow parent run {parent} in {uri} (experiment {experiment!r})")

@@ -27,7 +27,7 @@ from typing import Any
 from ctm_core.train import Callback, RunInfo, TrainResult
 
 from .spec import SweepPlan, Trial
-from .trial import run_trial, wait_for_teacher
+from .trial import _file_lock, run_trial, wait_for_teacher
 
 REPORT_EVERY_S = 30.0
 POINTER_FILE = "trainer_checkpoint.json"
@@ -156,20 +156,36 @@ def _run_ddp(ctx: SweepContext, trial: Trial, tags: dict) -> dict[str, Any]:
     procs = mp.start_processes(_ddp_worker, args=(world, _free_port(), ctx, trial, tags, sink), nprocs=world,
                                join=False, start_method="spawn")
     final: dict[str, Any] = {}
-    while True:
-        try:
-            kind, payload, path = sink.get(timeout=1.0)
-        except queue.Empty:
-            if procs.join(timeout=0):
-                break
-            continue
-        if kind == "done":
-            final = payload
-            continue
-        _report_to_tune(payload, Path(path) if path else None, trial.out_dir)
-    while not procs.join():
-        pass
+    try:
+        while True:
+            try:
+                kind, payload, path = sink.get(timeout=1.0)
+            except queue.Empty:
+                if procs.join(timeout=0):
+                    break
+                continue
+            if kind == "done":
+                final = payload
+                continue
+            _report_to_tune(payload, Path(path) if path else None, trial.out_dir)
+        while not procs.join():
+            pass
+    finally:  # Tune stopping the trial raises out of tune.report: the ranks must not train on
+        _stop_processes(procs.processes)
     return final
+
+
+def _stop_processes(processes, grace_s: float = 10.0) -> None:
+    """Terminate and reap processes still running (SIGKILL for those that ignore SIGTERM)."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _finished_run(ctx: SweepContext, trial: Trial):
@@ -200,6 +216,15 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id() or ""
     trial = ctx.trial_for(config, trial_id)
     tags = {**ctx.extra_tags, "ctmlab.ray_trial_id": trial_id}
+    # Two equal samples of a search share an out dir and a run: one trains, the other then finds it FINISHED.
+    with _file_lock(trial.out_dir.parent / f".{trial.out_dir.name}.lock"):
+        _run_or_reuse(ctx, trial, tags)
+
+
+def _run_or_reuse(ctx: SweepContext, trial: Trial, tags: dict[str, str]) -> None:
+    """Report the trial's FINISHED run if it has one, else train it (the out-dir lock is held)."""
+    from ray import tune
+
     done = _finished_run(ctx, trial)
     if done is not None:  # finished in this launch before a crash of the driver, or (a search) sampled twice
         from .tracking import PARENT_TAG, ensure_experiment, record_reused
@@ -319,10 +344,20 @@ def kill_autoscaler_monitor() -> bool:
     return bool(monitors)
 
 
+def _pre_drawn(plan: SweepPlan) -> bool:
+    """Trials fixed before the launch (a grid, or a random search's seeded samples), not picked by a searcher."""
+    return plan.search is None or plan.search.algo == "random"
+
+
+def _num_samples(plan: SweepPlan) -> int:
+    """Tune's num_samples repeats the whole param space: 1 over a grid of pre-drawn trials."""
+    return 1 if _pre_drawn(plan) else plan.search.num_samples
+
+
 def _param_space(plan: SweepPlan, trials: list[Trial]) -> dict[str, Any]:
     from ray import tune
 
-    if plan.search is None:
+    if _pre_drawn(plan):  # random search too: exactly the seeded points the dry run showed
         return {"trial": tune.grid_search([t.config_hash for t in trials])}
     space: dict[str, Any] = {}
     for path, axis in plan.axes.items():
@@ -375,7 +410,7 @@ def run_tune(ctx: SweepContext, trials: list[Trial], storage: Path, name: str, r
         search_alg = OptunaSearch(seed=plan.search.seed)
     tune_config = tune.TuneConfig(
         metric=plan.metric, mode=plan.mode, scheduler=scheduler, search_alg=search_alg,
-        num_samples=plan.search.num_samples if plan.search else 1,
+        num_samples=_num_samples(plan),
         max_concurrent_trials=max_concurrent, reuse_actors=True, trial_dirname_creator=_trial_dirname)
     run_config = tune.RunConfig(
         name=name, storage_path=str(storage),

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Callable, Iterable, TypeVar
 
 import yaml
@@ -31,6 +32,7 @@ TAG = "ctmlab."
 PARENT_TAG = "mlflow.parentRunId"
 REUSED_FROM = f"{TAG}reused_from"  # on a trial run that stands for an earlier run of the same config
 T = TypeVar("T")
+_SCHEMELESS_URIS = ("databricks",)  # MLflow tracking URIs that are not paths although they have no scheme
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +46,12 @@ def resolve_tracking_uri(explicit: str | None = None, from_spec: str | None = No
     absolute so that workers with another working directory write to the same store.
     """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or from_spec or "sqlite:///mlflow.db"
+    parsed = urlparse(uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    elif "://" not in uri:  # a plain folder: MLflow's file store
+    elif parsed.scheme == "file" and not parsed.netloc and not Path(parsed.path).is_absolute():
+        uri = "file://" + str(Path(parsed.path).resolve())  # file:./mlruns
+    elif parsed.scheme == "" and uri not in _SCHEMELESS_URIS:  # a plain folder: MLflow's file store
         uri = str(Path(uri).resolve())
     return uri
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -114,6 +116,33 @@ def _failure_marker(plan: SweepPlan) -> Path | None:
     return out_dir.parent / f".{out_dir.name}.failed"
 
 
+def move_aside_stale(trials: Sequence[Trial], finished: Any, stamp: str, out=None) -> list[Path]:
+    """Before trials run again, move aside an out dir they would otherwise resume at its last step
+    (training nothing and re-attaching the old MLflow run): the dir of a config in `finished` (a FINISHED
+    run, re-run by --force), or a complete dir whose store has no FINISHED run. Each goes to
+    <out_dir>.old-<stamp>, never deleted. Every backend calls this before its trials start."""
+    moved = []
+    for t in trials:
+        if not t.out_dir.exists():
+            continue
+        if t.config_hash in finished:
+            why = "--force re-runs a FINISHED config"
+        elif _reached_last_step(t):
+            why = "its out dir is complete but the store has no FINISHED run"
+        else:
+            continue
+        target = t.out_dir.with_name(f"{t.out_dir.name}.old-{stamp}")
+        os.replace(t.out_dir, target)
+        moved.append(target)
+        print(f"  {t.name}: {why}; moved its out dir aside to {target.name}", file=out or sys.stdout)
+    return moved
+
+
+def _reached_last_step(trial: Trial) -> bool:
+    found = ckpt.list_checkpoints(trial.out_dir)
+    return bool(found) and found[-1][0] >= trial.config.train.steps
+
+
 def wait_for_teacher(plan: SweepPlan, poll_s: float = 0.2) -> None:
     """Block until the sweep's teacher is trained (trials may start while it trains); raise if it failed."""
     marker = _failure_marker(plan)
@@ -123,15 +152,36 @@ def wait_for_teacher(plan: SweepPlan, poll_s: float = 0.2) -> None:
         time.sleep(poll_s)
 
 
+def _mark_failed(plan: SweepPlan, why: str) -> None:
+    """Tell waiting trials that the teacher failed (written whole: they may read it at any moment)."""
+    marker = _failure_marker(plan)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_name(f"{marker.name}.tmp")
+    tmp.write_text(why)
+    os.replace(tmp, marker)
+
+
 def _teacher_process(plan: SweepPlan) -> None:
     """Entry point of the teacher's own process (a spawned interpreter: its own GIL and threads)."""
     try:
         ensure_teacher(plan)
     except BaseException as err:
-        marker = _failure_marker(plan)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{type(err).__name__}: {err}")
+        _mark_failed(plan, f"{type(err).__name__}: {err}")
         raise
+
+
+def _exit_status(pid: int) -> str | None:
+    """How an ended child exited, read without reaping it (join() does that); None if already reaped."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return None if info.si_status == 0 else f"its process exited with code {info.si_status}"
+    name = signal.Signals(info.si_status).name if info.si_status in signal.valid_signals() else info.si_status
+    return f"its process was killed by signal {name} (the OOM killer or kill -9?)"
 
 
 def _start_method(threads: int) -> str:
@@ -159,6 +209,7 @@ class TeacherJob:
         self.cached = teacher_is_trained(plan)
         self.finished_at: float | None = None
         self._process = None
+        self._cancelled = False
 
     def start(self) -> "TeacherJob":
         marker = _failure_marker(self.plan)
@@ -178,17 +229,28 @@ class TeacherJob:
 
     def cancel(self) -> None:
         """Stop a teacher nobody needs any more (its checkpoints stay; a later launch resumes it)."""
+        self._cancelled = True
         if self._process is not None and self._process.is_alive():
             self._process.terminate()
             self._process.join()
         self._process = None
 
     def wait(self) -> None:
-        """Block until the teacher's process has ended, without reaping it (join() does that)."""
-        if self._process is not None:
-            import multiprocessing.connection
+        """Block until the teacher's process has ended, without reaping it (join() does that).
 
-            multiprocessing.connection.wait([self._process.sentinel])
+        A teacher killed by a signal (the OOM killer) writes no failure marker itself: the marker is
+        written here, else the trials waiting for the teacher (wait_for_teacher) would wait forever.
+        """
+        process = self._process  # cancel() may clear it from another thread meanwhile
+        if process is None:
+            return
+        import multiprocessing.connection
+
+        multiprocessing.connection.wait([process.sentinel])
+        why = _exit_status(process.pid)
+        marker = _failure_marker(self.plan)
+        if why is not None and not self._cancelled and not marker.exists():
+            _mark_failed(self.plan, f"the teacher {self.plan.teacher_checkpoint} died: {why}")
 
     @property
     def failed(self) -> bool:
