@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imsave
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 import analysis
@@ -108,12 +108,17 @@ def _log_trial(client, exp_id, parent_id, sweep, mu, seed, status, tmp: Path) ->
     return history
 
 
+def _new_store(root: Path) -> tuple[str, MlflowClient, str]:
+    """A fresh local sqlite store under root with the platform's experiment: (uri, client, experiment id)."""
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, client.create_experiment("ctm-lab", artifact_location=str(root / "artifacts"))
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("ctm-lab", artifact_location=str(root / "artifacts"))
+    uri, client, exp_id = _new_store(root)
     parent = client.create_run(exp_id, tags={"ctmlab.sweep": SWEEP, "ctmlab.role": "sweep"}, run_name=SWEEP)
     logged: dict[tuple[float, int], dict] = {}
     images = root / "images"
@@ -403,9 +408,7 @@ def _log_run(client, exp_id, parent_id, sweep, mu, seed, status, history, *, ste
 @pytest.fixture(scope="module")
 def revisions(tmp_path_factory):
     root = tmp_path_factory.mktemp("revisions")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("ctm-lab", artifact_location=str(root / "artifacts"))
+    uri, client, exp_id = _new_store(root)
     clock = iter(range(1_700_000_000_000, 1_800_000_000_000, 1000))
     parents, histories = {}, {}
 

@@ -270,47 +270,26 @@ def test_slurm_ray_runs_the_tune_sweep_on_a_private_ray_cluster_in_one_allocatio
     assert "2 trials: 2 COMPLETED" in status
 
 
-TEACHER_SWEEP = """\
-name: {name}
-description: tiny CTM sweep with its own EDM teacher, for the SLURM tests
-set:
-  mode: ctm
-  data.spec: toy:gmm2d_8
-  data.batch_size: 32
-  model.arch: mlp
-  model.hidden: 32
-  model.depth: 2
-  model.emb_dim: 16
-  ctm.num_points: 8
-  ctm.max_steps: 7
-  eval.every: 0
-  eval.nfe: [1]
-  eval.teacher_steps: 4
-  eval.num_samples: 200
-  train.steps: 20
-  train.log_every: 10
-  train.ckpt_every: 10
-teacher:
-  set:
-    data.spec: toy:gmm2d_8
-    data.batch_size: 32
-    model.arch: mlp
-    model.hidden: 32
-    model.depth: 2
-    model.emb_dim: 16
-    eval.every: 0
-    eval.nfe: [1]
-    eval.teacher_steps: 4
-    eval.num_samples: 200
-    train.steps: 40
-    train.log_every: 20
-    train.ckpt_every: 20
-axes:
-  optim.lr: [0.001]
-seeds: [0]
-metric: train/loss_ctm
-resources: {{cpus: 1, gpus: 0}}
-"""
+# The student and its teacher share the data, the network and the evaluation (a student loads its
+# teacher's weights); each adds its own lines.
+_SHARED = ["data.spec: toy:gmm2d_8", "data.batch_size: 32", "model.arch: mlp", "model.hidden: 32", "model.depth: 2",
+           "model.emb_dim: 16", "eval.every: 0", "eval.nfe: [1]", "eval.teacher_steps: 4", "eval.num_samples: 200"]
+TEACHER_SWEEP = "\n".join([
+    "name: {name}",
+    "description: tiny CTM sweep with its own EDM teacher, for the SLURM tests",
+    "set:",
+    *(f"  {line}" for line in ["mode: ctm", *_SHARED, "ctm.num_points: 8", "ctm.max_steps: 7", "train.steps: 20",
+                               "train.log_every: 10", "train.ckpt_every: 10"]),
+    "teacher:",
+    "  set:",
+    *(f"    {line}" for line in [*_SHARED, "train.steps: 40", "train.log_every: 20", "train.ckpt_every: 20"]),
+    "axes:",
+    "  optim.lr: [0.001]",
+    "seeds: [0]",
+    "metric: train/loss_ctm",
+    "resources: {{cpus: 1, gpus: 0}}",
+    "",
+])
 
 
 def _ray_log(root: Path, job_id: str):
