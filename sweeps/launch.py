@@ -199,11 +199,11 @@ def latest_state(plan: SweepPlan) -> dict[str, Any] | None:
 
 
 def _new_state(plan: SweepPlan, args: argparse.Namespace, launch_id: str, parent: str, to_run: Sequence[Trial],
-               skipped: dict[str, Any]) -> dict[str, Any]:
+               skipped: dict[str, Any], uri: str, experiment: str) -> dict[str, Any]:
     """What --resume needs to continue this launch as it was started (--force included)."""
     return {"launch_id": launch_id, "sweep": plan.spec.name, "budget": plan.budget.name,
-            "overrides": list(args.overrides), "backend": args.backend, "tracking_uri": args.tracking_uri,
-            "experiment": args.experiment, "parent_run_id": parent, "tune_name": launch_id,
+            "overrides": list(args.overrides), "backend": args.backend, "tracking_uri": uri,
+            "experiment": experiment, "parent_run_id": parent, "tune_name": launch_id,
             "trials": [t.config_hash for t in to_run], "skipped": {h: r.info.run_id for h, r in skipped.items()},
             "force": bool(args.force), "created": time.time(), "status": "running"}
 
@@ -436,7 +436,7 @@ def _launch(args: argparse.Namespace, spec, plan: SweepPlan, trials: list[Trial]
             tags["ctmlab.reused_runs"] = json.dumps({h: r.info.run_id for h, r in skipped.items()})
         parent = tracking.start_parent_run(uri, experiment_id, spec.name, plan.budget.name,
                                            f"{spec.name} [{plan.budget.name}] {launch_id}", params, tags)
-        state = _new_state(plan, args, launch_id, parent, to_run, skipped)
+        state = _new_state(plan, args, launch_id, parent, to_run, skipped, uri, experiment)
         _write_state(plan, state)
         print(f"launch {launch_id}: {len(to_run)} trial(s) to run, {len(skipped)} skipped; "
               f"MLflow parent run {parent} in {uri} (experiment {experiment!r})")

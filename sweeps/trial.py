@@ -50,7 +50,7 @@ def run_trial(trial: Trial, tracking_uri: str, experiment: str = DEFAULT_EXPERIM
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock so that two launches sharing a root train a teacher only once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
@@ -88,7 +88,7 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
         return {"checkpoint": str(path), "hash": None, "trained": False, "metrics": {}}
     cfg = plan.teacher_config
     out_dir = Path(cfg.runtime.out_dir)
-    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         trained = False
         if not teacher_is_trained(plan):
             import torch

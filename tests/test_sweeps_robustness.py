@@ -40,14 +40,15 @@ def _plan(tmp_path: Path, **changes):
 def test_resume_of_a_forced_launch_stays_forced(tmp_path):
     """A forced launch resumed without --force must still re-run its trials, not reuse old FINISHED runs."""
     plan = _plan(tmp_path)
-    started = argparse.Namespace(overrides=[], backend="local", tracking_uri="sqlite:////x.db", experiment="e",
-                                 force=True)
-    launch._write_state(plan, launch._new_state(plan, started, "smoke-1", "parent", plan.trials(), {}))
+    started = argparse.Namespace(overrides=[], backend="local", force=True)
+    launch._write_state(plan, launch._new_state(plan, started, "smoke-1", "parent", plan.trials(), {},
+                                                "sqlite:////x.db", "e"))
     resumed = argparse.Namespace(overrides=[], force=False)
     state = launch._resume_state(plan, resumed)
     assert state["launch_id"] == "smoke-1" and resumed.force is True
     unforced = argparse.Namespace(**{**vars(started), "force": False})
-    launch._write_state(plan, {**launch._new_state(plan, unforced, "smoke-2", "p2", plan.trials(), {}),
+    launch._write_state(plan, {**launch._new_state(plan, unforced, "smoke-2", "p2", plan.trials(), {},
+                                                   "sqlite:////x.db", "e"),
                                "created": time.time() + 1})
     again = argparse.Namespace(overrides=[], force=False)
     assert launch._resume_state(plan, again)["launch_id"] == "smoke-2" and again.force is False
