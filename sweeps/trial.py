@@ -51,7 +51,8 @@ def run_trial(trial: Trial, tracking_uri: str, experiment: str = DEFAULT_EXPERIM
 
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock so that two launches sharing a root train a teacher only once."""
+    """An exclusive lock beside an out dir: launches sharing a root train a teacher once, and equal
+    search samples take turns on one trial."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
