@@ -145,8 +145,7 @@ class TeacherJob(submitit.helpers.Checkpointable):
         from ctm_core.train import train
 
         config = config_from_dict(self.config_data)
-        found = ckpt.list_checkpoints(config.runtime.out_dir)
-        if found and found[-1][0] >= config.train.steps:
+        if ckpt.reached_step(config.runtime.out_dir, config.train.steps):
             return str(config.runtime.out_dir)
         if submitit.JobEnvironment().num_tasks > 1:
             export_rendezvous()

@@ -314,8 +314,7 @@ def train_teacher(config_data: dict) -> str:
     from ctm_core.train import train
 
     config = config_from_dict(config_data)
-    found = ckpt.list_checkpoints(config.runtime.out_dir)
-    if found and found[-1][0] >= config.train.steps:
+    if ckpt.reached_step(config.runtime.out_dir, config.train.steps):
         print(f"teacher: cached {config.runtime.out_dir}", flush=True)
     else:
         print(f"teacher: training {config.runtime.out_dir} ({config.train.steps} steps)", flush=True)

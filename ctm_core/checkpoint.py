@@ -57,6 +57,12 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def reached_step(directory: str | os.PathLike, steps: int) -> bool:
+    """Whether the run in `directory` has a checkpoint at `steps` or later (nothing left to train)."""
+    found = list_checkpoints(directory)
+    return bool(found) and found[-1][0] >= steps
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     state = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(state, dict) or "step" not in state:

@@ -43,9 +43,9 @@ def _schedule_from_yaml(value: Any, **clamp: float) -> Any:
 
 # The official code clamps its adaptive weights to [0, 1e4] for DSM and to [0.01, 10] for the GAN
 # (VQGAN's bounds): a near-zero generator gradient early in the GAN phase must not scale L_G by 1e4.
+_GAN_CLAMP = {"adaptive_min": 0.01, "adaptive_max": 10.0}
 Schedule = Annotated[WeightSchedule, BeforeValidator(_schedule_from_yaml)]
-GANSchedule = Annotated[WeightSchedule, BeforeValidator(
-    lambda value: _schedule_from_yaml(value, adaptive_min=0.01, adaptive_max=10.0))]
+GANSchedule = Annotated[WeightSchedule, BeforeValidator(lambda value: _schedule_from_yaml(value, **_GAN_CLAMP))]
 PositiveFloat = Annotated[float, Field(gt=0)]
 # auto / on / off; YAML 1.1 reads bare on/off as booleans, which mean the same here
 Switch = Annotated[Literal["auto", "on", "off"],
@@ -113,8 +113,7 @@ class DSMConfig:
 class LossConfig:
     lambda_ctm: Annotated[float, Field(ge=0)] = 1.0
     lambda_dsm: Optional[Schedule] = None   # None: 1 (the CTM objective), off in mode cd (CD has no DSM term)
-    lambda_gan: GANSchedule = dataclasses.field(
-        default_factory=lambda: WeightSchedule(adaptive_min=0.01, adaptive_max=10.0))
+    lambda_gan: GANSchedule = dataclasses.field(default_factory=lambda: WeightSchedule(**_GAN_CLAMP))
     dsm: DSMConfig = dataclasses.field(default_factory=DSMConfig)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from ctm_core.train import Callback, RunInfo, TrainResult
 
 from .spec import SweepPlan, Trial
-from .trial import file_lock, run_trial, wait_for_teacher
+from .trial import out_dir_lock, run_trial, wait_for_teacher
 
 REPORT_EVERY_S = 30.0
 POINTER_FILE = "trainer_checkpoint.json"
@@ -217,7 +217,7 @@ def trainable(config: dict[str, Any], ctx: SweepContext) -> None:
     trial = ctx.trial_for(config, trial_id)
     tags = {**ctx.extra_tags, "ctmlab.ray_trial_id": trial_id}
     # Two equal samples of a search share an out dir and a run: one trains, the other then finds it FINISHED.
-    with file_lock(trial.out_dir.parent / f".{trial.out_dir.name}.lock"):
+    with out_dir_lock(trial.out_dir):
         _run_or_reuse(ctx, trial, tags)
 
 

@@ -50,9 +50,10 @@ def run_trial(trial: Trial, tracking_uri: str, experiment: str = DEFAULT_EXPERIM
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
+def out_dir_lock(out_dir: Path) -> Iterator[None]:
     """An exclusive lock beside an out dir: launches sharing a root train a teacher once, and equal
     search samples take turns on one trial."""
+    path = out_dir.parent / f".{out_dir.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -66,8 +67,7 @@ def teacher_is_trained(plan: SweepPlan) -> bool:
     cfg = plan.teacher_config
     if cfg is None:
         return True
-    found = ckpt.list_checkpoints(cfg.runtime.out_dir)
-    return bool(found) and found[-1][0] >= cfg.train.steps
+    return ckpt.reached_step(cfg.runtime.out_dir, cfg.train.steps)
 
 
 def _teacher_threads(plan: SweepPlan) -> int:
@@ -89,7 +89,7 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
         return {"checkpoint": str(path), "hash": None, "trained": False, "metrics": {}}
     cfg = plan.teacher_config
     out_dir = Path(cfg.runtime.out_dir)
-    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+    with out_dir_lock(out_dir):
         trained = False
         if not teacher_is_trained(plan):
             import torch
@@ -128,7 +128,7 @@ def move_aside_stale(trials: Sequence[Trial], finished: Any, stamp: str, out=Non
             continue
         if t.config_hash in finished:
             why = "--force re-runs a FINISHED config"
-        elif _reached_last_step(t):
+        elif ckpt.reached_step(t.out_dir, t.config.train.steps):
             why = "its out dir is complete but the store has no FINISHED run"
         else:
             continue
@@ -137,11 +137,6 @@ def move_aside_stale(trials: Sequence[Trial], finished: Any, stamp: str, out=Non
         moved.append(target)
         print(f"  {t.name}: {why}; moved its out dir aside to {target.name}", file=out or sys.stdout)
     return moved
-
-
-def _reached_last_step(trial: Trial) -> bool:
-    found = ckpt.list_checkpoints(trial.out_dir)
-    return bool(found) and found[-1][0] >= trial.config.train.steps
 
 
 def wait_for_teacher(plan: SweepPlan, poll_s: float = 0.2) -> None:
@@ -269,7 +264,7 @@ class TeacherJob:
                 marker = _failure_marker(self.plan)
                 why = marker.read_text() if marker.exists() else f"exit code {self._process.exitcode}"
                 if not marker.exists():
-                    marker.write_text(why)
+                    _mark_failed(self.plan, why)
                 raise RuntimeError(f"training the teacher {self.plan.teacher_checkpoint} failed: {why}")
         result = ensure_teacher(self.plan, log=lambda *_: None)  # cached now: reads its final metrics
         if result is not None:
