@@ -4,6 +4,8 @@ wall time of each stage and the CTM student's 1-NFE score against the teacher's 
     python benchmarks/recipes.py [--recipe toy|digits|all] [--out runs/recipes]
 
 Issue 3's bar: each stage under ~5 minutes on 2 CPUs; CTM at 1 NFE within 1.3x of the teacher.
+Wall times depend on the machine (two 2-core machines of one kind ran the same recipe in 281 s and 418 s),
+so the table starts with this machine's fp32 matmul rate to compare them by.
 """
 from __future__ import annotations
 
@@ -20,6 +22,19 @@ RECIPES = {
     "digits": ("configs/digits_teacher.yaml", "configs/digits_ctm.yaml", "fd_digits", []),
 }
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's fp32 matmul rate with torch's threads (GFLOP/s): a yardstick for the wall times."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def run_recipe(name: str, out: Path, extra: list[str]) -> dict:
@@ -45,6 +60,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
     parser.add_argument("--set", dest="overrides", action="append", default=["runtime.resume=false"])
     args = parser.parse_args()
+    import torch
+
+    print(f"machine: {cpu_gflops():.0f} GFLOP/s fp32 matmul on {torch.get_num_threads()} threads", flush=True)
     rows = [run_recipe(name, args.out, args.overrides) for name in (RECIPES if args.recipe == "all" else [args.recipe])]
     header = ["recipe", "metric", "teacher_s", "ctm_s", "teacher_heun_nfe35", "ctm_nfe1", "ctm_nfe2", "ratio_nfe1"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

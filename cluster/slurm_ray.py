@@ -308,21 +308,17 @@ _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")
 
 def train_teacher(config_data: dict) -> str:
     """Train the sweep's teacher (one process) unless its out_dir holds the last step; a requeued
-    allocation resumes it from its newest checkpoint."""
-    from ctm_core import checkpoint as ckpt
+    allocation resumes it from its newest checkpoint. SLURM's rank variables are hidden meanwhile: the
+    driver is one process, not rank 0 of a job-wide DDP group."""
     from ctm_core.config import config_from_dict
-    from ctm_core.train import train
+    from sweeps.trial import train_teacher_once
 
     config = config_from_dict(config_data)
-    if ckpt.reached_step(config.runtime.out_dir, config.train.steps):
-        print(f"teacher: cached {config.runtime.out_dir}", flush=True)
-    else:
-        print(f"teacher: training {config.runtime.out_dir} ({config.train.steps} steps)", flush=True)
-        saved = {name: os.environ.pop(name) for name in _RANK_VARS if name in os.environ}
-        try:
-            train(config)
-        finally:
-            os.environ.update(saved)
+    saved = {name: os.environ.pop(name) for name in _RANK_VARS if name in os.environ}
+    try:
+        train_teacher_once(config, log=lambda line: print(line, flush=True))
+    finally:
+        os.environ.update(saved)
     return str(config.runtime.out_dir)
 
 

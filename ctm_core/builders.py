@@ -46,9 +46,10 @@ def build_model(config: TrainConfig, meta: dict[str, Any]) -> CTMModel:
 
 
 def build_optimizer(params, optim: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: Adam(W)'s fused kernels; RAdam has none and takes its multi-tensor (foreach) path instead."""
     kwargs: dict[str, Any] = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     if optim.name == "radam":
-        return torch.optim.RAdam(params, **kwargs)
+        return torch.optim.RAdam(params, foreach=True if fused else None, **kwargs)
     if fused:
         kwargs["fused"] = True
     cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ctm_core import checkpoint as ckpt
+from ctm_core.config import TrainConfig
 from ctm_core.train import Callback, train
 
 from .spec import SweepError, SweepPlan, Trial
@@ -74,6 +75,29 @@ def _teacher_threads(plan: SweepPlan) -> int:
     return max(1, int(plan.teacher_resources.cpus))
 
 
+def train_teacher_once(cfg: TrainConfig, log=print, threads: int | None = None, tag: str = "") -> bool:
+    """Train an `edm` teacher config unless its run dir already holds the last step (True: it trained).
+
+    Holds the out-dir lock, so launches (or a launcher and a SLURM driver) sharing a root train it once;
+    `threads` caps torch's threads while it trains (small nets: more threads only contend)."""
+    out_dir = Path(cfg.runtime.out_dir)
+    with out_dir_lock(out_dir):
+        if ckpt.reached_step(out_dir, cfg.train.steps):
+            log(f"teacher: cached {out_dir}" + (f" ({tag})" if tag else ""))
+            return False
+        import torch
+
+        log(f"teacher: training {out_dir} ({cfg.train.steps} steps, mode {cfg.mode}" + (f", {tag})" if tag else ")"))
+        saved = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            train(cfg)
+        finally:
+            torch.set_num_threads(saved)
+        return True
+
+
 def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
     """Train the sweep's teacher unless its run dir (keyed by config hash) already holds the last step.
 
@@ -89,21 +113,7 @@ def ensure_teacher(plan: SweepPlan, log=print) -> dict[str, Any] | None:
         return {"checkpoint": str(path), "hash": None, "trained": False, "metrics": {}}
     cfg = plan.teacher_config
     out_dir = Path(cfg.runtime.out_dir)
-    with out_dir_lock(out_dir):
-        trained = False
-        if not teacher_is_trained(plan):
-            import torch
-
-            log(f"teacher: training {out_dir} ({cfg.train.steps} steps, mode edm, hash {plan.teacher_hash})")
-            threads = torch.get_num_threads()
-            torch.set_num_threads(_teacher_threads(plan))  # small nets: threads only contend
-            try:
-                train(cfg)
-            finally:
-                torch.set_num_threads(threads)
-            trained = True
-        else:
-            log(f"teacher: cached {out_dir} (hash {plan.teacher_hash})")
+    trained = train_teacher_once(cfg, log, threads=_teacher_threads(plan), tag=f"hash {plan.teacher_hash}")
     final = out_dir / "final_metrics.json"
     metrics = json.loads(final.read_text()) if final.is_file() else {}
     return {"checkpoint": str(out_dir), "hash": plan.teacher_hash, "trained": trained, "metrics": metrics}

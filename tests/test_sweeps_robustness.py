@@ -1,5 +1,6 @@
 """The launcher's failure paths: a resumed forced launch, a teacher killed by a signal, DDP ranks of a
-stopped trial, pre-drawn random search, a refused MLflow store, tracking URIs that are not paths."""
+stopped trial, pre-drawn random search, a refused MLflow store, tracking URIs that are not paths, the out-dir
+lock of equal samples."""
 from __future__ import annotations
 
 import argparse
@@ -192,3 +193,31 @@ def test_tracking_uris_that_are_not_paths_are_kept(tmp_path, monkeypatch):
     assert resolve_tracking_uri("file:./mlruns") == f"file://{tmp_path}/mlruns"
     assert resolve_tracking_uri("mlruns") == str(tmp_path / "mlruns")
     assert resolve_tracking_uri("sqlite:///m.db") == f"sqlite:///{tmp_path}/m.db"
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Equal search samples take turns on one out dir
+
+
+def test_out_dir_lock_makes_a_second_process_wait_for_the_first(tmp_path):
+    """Two processes (as two Tune actors of equal samples) on one out dir: the second enters only after
+    the first has left, so it finds the first's finished trial instead of training it a second time."""
+    out_dir, log = tmp_path / "runs" / "trial_0", tmp_path / "log.txt"
+    holder = ("import sys, time\nfrom pathlib import Path\nfrom sweeps.trial import out_dir_lock\n"
+              "log = open(sys.argv[2], 'a', buffering=1)\n"
+              "with out_dir_lock(Path(sys.argv[1])):\n"
+              "    log.write(f'{sys.argv[3]} in {time.time()}\\n'); time.sleep(float(sys.argv[4]))\n"
+              "    log.write(f'{sys.argv[3]} out {time.time()}\\n')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-c", holder, str(out_dir), str(log), "first", "1.5"], env=env)
+    deadline = time.time() + 60
+    while not (log.exists() and "first in" in log.read_text()):
+        assert time.time() < deadline and first.poll() is None, "the first process never took the lock"
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-c", holder, str(out_dir), str(log), "second", "0"], env=env,
+                            timeout=60)
+    assert first.wait(timeout=60) == 0 and second.returncode == 0
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[:2] for e in events] == [["first", "in"], ["first", "out"], ["second", "in"], ["second", "out"]]
+    assert float(events[2][2]) >= float(events[1][2])  # the second entered after the first left
+    assert (out_dir.parent / ".trial_0.lock").exists()

@@ -353,3 +353,30 @@ def test_gan_on_small_images_trains_the_patch_discriminator(tmp_path):
                                      for r in records)
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1][1])["discriminator"]
     assert any(k.startswith("head.") for k in state) and not any("feature_nets" in k for k in state)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "radam"])
+def test_fast_optimisers_take_the_plain_optimisers_step(name):
+    """The trainer builds its optimisers fused (Adam, AdamW) or multi-tensor (RAdam) on the CPU too; each
+    must move the weights as the plain per-tensor loop does."""
+    from ctm_core.builders import build_optimizer
+    from ctm_core.config import OptimConfig
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=gen) for shape in [(16, 8, 3, 3), (16,), (10, 16)]]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+    optim = OptimConfig(name=name, lr=1e-2, weight_decay=0.01)
+    moved = []
+    for fused in (False, True):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer = build_optimizer(params, optim, fused=fused)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        moved.append(params)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(moved[1], start))
+    for plain, fast in zip(*moved):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    fast = build_optimizer([start[0].clone().requires_grad_()], optim, fused=True)
+    assert fast.defaults["foreach" if name == "radam" else "fused"] is True
