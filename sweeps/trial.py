@@ -4,6 +4,7 @@ Also here: the sweep's teacher, trained once per sweep root and cached by its co
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -57,11 +58,30 @@ def out_dir_lock(out_dir: Path) -> Iterator[None]:
     path = out_dir.parent / f".{out_dir.name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        locked = _lock(handle, path)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)  # errors of filesystems without flock
+
+
+def _lock(handle, path: Path) -> bool:
+    """flock the handle; False (with a warning) where the filesystem has no locks (Lustre mounted without
+    -o flock, some NFS set-ups): the sweep goes on unlocked rather than failing."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return True
+    except OSError as err:
+        if err.errno not in _NO_FLOCK:
+            raise
+    print(f"warning: {path.parent} does not support file locks; equal samples or launches sharing this "
+          "root may train the same run twice", file=sys.stderr, flush=True)
+    return False
+
 
 
 def teacher_is_trained(plan: SweepPlan) -> bool:

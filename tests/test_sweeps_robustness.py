@@ -221,3 +221,28 @@ def test_out_dir_lock_makes_a_second_process_wait_for_the_first(tmp_path):
     assert [e[:2] for e in events] == [["first", "in"], ["first", "out"], ["second", "in"], ["second", "out"]]
     assert float(events[2][2]) >= float(events[1][2])  # the second entered after the first left
     assert (out_dir.parent / ".trial_0.lock").exists()
+
+
+def test_out_dir_lock_goes_on_unlocked_where_the_filesystem_has_no_locks(tmp_path, monkeypatch, capsys):
+    """Lustre without `-o flock` answers flock with ENOSYS: the sweep warns and goes on instead of failing;
+    any other error is raised."""
+    import errno
+
+    from sweeps import trial
+
+    def no_locks(handle, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(trial.fcntl, "flock", no_locks)
+    entered = []
+    with trial.out_dir_lock(tmp_path / "runs" / "t0"):
+        entered.append(True)
+    assert entered == [True] and "does not support file locks" in capsys.readouterr().err
+
+    def denied(handle, op):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(trial.fcntl, "flock", denied)
+    with pytest.raises(OSError, match="Permission denied"):
+        with trial.out_dir_lock(tmp_path / "runs" / "t1"):
+            pass
