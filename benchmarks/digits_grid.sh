@@ -1,15 +1,18 @@
 #!/bin/bash
 # Variants of the digits CTM stage side by side on a many-core CPU machine (the device machine's 16 cores:
-# 8 runs at 2 threads each), the teacher carried in as .exp/digits_teacher. Each line of VARIANTS is
+# 8 runs at 2 threads each), the teacher in $TEACHER (default .exp/digits_teacher). Each line of VARIANTS is
 # "name key=value ..." (overrides of configs/digits_ctm.yaml); '#' lines are comments.
-# Usage (repo root; $OUT receives the runs): bash benchmarks/digits_grid.sh benchmarks/grids/FILE.txt
+# Usage (repo root): [OUT=DIR] [TEACHER=DIR] [THREADS=2] bash benchmarks/digits_grid.sh benchmarks/grids/FILE.txt
+# (runs go to $OUT, which the device machine sets; runs/digits_grid elsewhere).
 # Prints, per variant: the teacher's FD and (step, FD NFE 1, FD NFE 2) at every evaluation.
 set -u
 VARIANTS=${1:?usage: digits_grid.sh VARIANTS_FILE}
+OUT=${OUT:-$PWD/runs/digits_grid}
+mkdir -p "$OUT"; : > "$OUT/done.txt"
 export OMP_NUM_THREADS=${THREADS:-2} MKL_NUM_THREADS=${THREADS:-2} CUDA_VISIBLE_DEVICES="" CTM_LAB_CACHE=$PWD/.exp/cache
 python3 -c "
 from ctm_core import metrics; import time; t=time.time(); metrics.digits_classifier(None); print('classifier', round(time.time()-t,1), 's')"
-T=$PWD/.exp/digits_teacher
+T=${TEACHER:-$PWD/.exp/digits_teacher}
 names=()
 while read -r name overrides; do
   case "$name" in ''|'#'*) continue;; esac
