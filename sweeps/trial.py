@@ -83,7 +83,6 @@ def _lock(handle, path: Path) -> bool:
     return False
 
 
-
 def teacher_is_trained(plan: SweepPlan) -> bool:
     cfg = plan.teacher_config
     if cfg is None:
