@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +152,36 @@ def _set_rng_state(state: dict[str, Any], env: DistEnv) -> None:
         torch.cuda.set_rng_state(state["cuda"], env.device)
 
 
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log. A kill in the middle of an append leaves the last line torn; that
+    line is dropped with a warning, since the resumed run logs its step again. A bad line anywhere else
+    is not a crash's trace, so it stops the resume with its line number instead of being lost quietly."""
+    if not path.is_file():
+        return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except ValueError as err:
+            if n == lines[-1][0]:
+                warnings.warn(f"{path}:{n}: dropping a torn last line ({err}); the resumed run logs its step again")
+                break
+            raise ValueError(f"{path}:{n}: unreadable metrics record ({err}); fix or remove the line") from err
+        records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint a resumed run restarts from (no duplicates)."""
+    """Drop records written after the checkpoint a resumed run restarts from (no duplicates), and a
+    torn last line, so the run appends after whole lines."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [record for record in read_metrics_log(path) if record["step"] <= step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in keep))
     os.replace(tmp, path)
 
 
@@ -449,9 +473,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 def _last_logged(path: Path) -> dict[str, float]:
     """The newest value of every key in a metrics log (what the trainer held when it ended)."""
     latest: dict[str, float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            latest.update({k: v for k, v in json.loads(line).items() if k != "step"})
+    for record in read_metrics_log(path):
+        latest.update({k: v for k, v in record.items() if k != "step"})
     return latest
 
 

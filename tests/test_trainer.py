@@ -186,6 +186,42 @@ def test_a_run_stopped_after_its_final_checkpoint_still_ends_on_resume(tmp_path)
     assert rec.events[-1] == ("end", 20) and final.read_text() == before
 
 
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    """A kill in the middle of an append leaves half a line; the resume warns, drops it and appends after
+    whole lines, both when it trains on and when it only ends a run stopped after its final checkpoint."""
+    overrides = ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=10"]
+    train(_tiny(tmp_path, "run", overrides))
+    log = tmp_path / "run" / "metrics.jsonl"
+    whole = log.read_text()
+    (tmp_path / "run" / "final_metrics.json").unlink()
+    log.write_text(whole + '{"step": 20, "train/lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        ended = train(_tiny(tmp_path, "run", overrides))
+    assert ended.step == 20 and log.read_text() == whole
+    assert ended.metrics["eval/sw2/teacher_nfe11"] == json.loads(whole.splitlines()[-1])["eval/sw2/teacher_nfe11"]
+
+    log.write_text(whole + '{"step": 21, "train/lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(_tiny(tmp_path, "run", ["mode=edm", "train.steps=30", "train.ckpt_every=10", "eval.every=10"]))
+    lines = log.read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]  # train and eval records may share a step
+    assert steps == sorted(steps) and steps[-1] == 30 and len(set(lines)) == len(lines)
+    assert log.read_text().startswith(whole)
+
+
+def test_a_bad_metrics_line_before_the_last_stops_the_resume_with_its_line_number(tmp_path):
+    from ctm_core.train import read_metrics_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 10, "a": 1.0}\nnot json\n{"step": 20, "a": 2.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: unreadable metrics record"):
+        read_metrics_log(log)
+    log.write_text('{"step": 10, "a": 1.0}\n{"a": 2.0}\n')  # the last line, whole but without a step
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: dropping a torn last line"):
+        assert read_metrics_log(log) == [{"step": 10, "a": 1.0}]
+    assert read_metrics_log(tmp_path / "absent.jsonl") == []
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     config = _tiny(tmp_path, "run", ["mode=edm", "train.steps=20", "train.ckpt_every=10", "eval.every=0",
                                      "eval.teacher_steps=null"])
