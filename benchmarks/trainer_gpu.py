@@ -21,13 +21,11 @@ drift apart over the steps, as two bf16 runs of the same variant would).
 Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 autocast):
     defaults   the trainer's GPU defaults: channels_last everywhere, cuDNN autotuning, fused Adam,
                torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph,
-               torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones),
-               the student's and the EMA target's GroupNorm-SiLUs compiled (train.compile_norms)
+               torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones)
     eager-features  defaults with train.compile_features=off
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off
     compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
-    eager-norms  defaults with train.compile_norms=off (the student's and target's GroupNorm-SiLU eager)
 """
 from __future__ import annotations
 
@@ -59,7 +57,6 @@ VARIANTS = {
     "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off"],
     "compiled": ["train.compile=true"],
     "nchw": ["train.channels_last=off"],
-    "eager-norms": ["train.compile_norms=off"],
 }
 
 

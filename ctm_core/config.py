@@ -178,8 +178,6 @@ class TrainLoopConfig:
     teacher_graphs: Switch = "auto"    # the teacher's denoiser as a CUDA graph (ctm_core.teacher_graph); auto: CUDA
     # torch.compile of the frozen feature networks: LPIPS's VGG16 and the projected discriminator's backbones
     compile_features: Switch = "auto"
-    # the student's and the EMA target's GroupNorm-SiLUs as one compiled kernel (UNetBackbone.compile_norms)
-    compile_norms: Switch = "auto"
 
 
 @dataclass(config=_STRICT)

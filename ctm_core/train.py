@@ -110,7 +110,7 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
 
 def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
     """GPU-only accelerations forced 'on' without CUDA: refused before any data or network loads."""
-    for flag in ("compile_teacher", "teacher_graphs", "compile_features", "compile_norms"):
+    for flag in ("compile_teacher", "teacher_graphs", "compile_features"):
         if getattr(loop, flag) == "on" and device.type != "cuda":
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
 
@@ -316,13 +316,10 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     solver_teacher = None if teacher is None else _accelerate_teacher(teacher, config.train, env.device)
     g_objective = GeneratorObjective(student, config, grid, distance, target, solver_teacher, discriminator)
     d_objective = DiscriminatorObjective(discriminator) if discriminator is not None else None
-    trained_nets = (student,) if config.mode == "edm" else (student, target)  # the step's eager U-Nets
     if config.train.compile:  # the two U-Nets the step differentiates through: the student and the EMA target
-        for net in trained_nets:
-            net.backbone.compile()
-    elif kind == "image" and env.device.type == "cuda" and config.train.compile_norms != "off":
-        for net in trained_nets:
-            net.backbone.compile_norms()
+        student.backbone.compile()
+        if config.mode != "edm":
+            target.backbone.compile()
     if env.is_distributed:
         g_objective = DistributedDataParallel(g_objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if d_objective is not None:

@@ -47,60 +47,12 @@ class GroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                    eps: float) -> torch.Tensor:
-    """SiLU(GroupNorm(x)) in x's precision, statistics in fp32 (as GroupNorm runs it).
-
-    Eager: torch's kernel. Under torch.compile: the same math written out, which keeps the channel
-    count symbolic (torch's group_norm decomposition fixes it), so one compiled graph serves every
-    norm of the U-Net; tensors and numbers in, no module, so dynamo does not guard on each norm."""
-    if not torch.compiler.is_compiling():
-        if not torch.is_autocast_enabled(x.device.type):
-            return F.silu(F.group_norm(x, groups, weight, bias, eps))
-        with torch.autocast(x.device.type, enabled=False):
-            return F.silu(F.group_norm(x, groups, weight.to(x.dtype), bias.to(x.dtype), eps))
-    grouped = x.float().unflatten(1, (groups, -1))
-    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0, keepdim=True)
-    y = ((grouped - mean) * torch.rsqrt(var + eps)).flatten(1, 2)
-    y = y * weight.view(-1, *[1] * (x.dim() - 2)) + bias.view(-1, *[1] * (x.dim() - 2))
-    return F.silu(y).to(x.dtype)
-
-
-def shifted_group_norm_silu(x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            groups: int, eps: float) -> torch.Tensor:
-    """SiLU(GroupNorm(x + shift)); its own function so that its compiled graphs do not count against
-    group_norm_silu's recompile limit."""
-    return group_norm_silu(x + shift, weight, bias, groups, eps)
-
-
-class GroupNormSiLU(GroupNorm):
-    """The U-Net's GroupNorm and the SiLU after it, with an optional per-channel shift before the norm,
-    as one call: group_norm_silu, or its compiled form from UNetBackbone.compile_norms.
-
-    Why: on channels_last activations CUDA's GroupNorm kernel needs NCHW, so eager pays a layout copy
-    in and out of every norm, forward and backward; a compiled kernel reads channels_last directly
-    and fuses the shift and the SiLU (benchmarks/RESULTS.md)."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float):
-        super().__init__(num_groups, num_channels, eps=eps)
-        self.kernels = (group_norm_silu, shifted_group_norm_silu)
-
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        plain, shifted = self.kernels
-        # Views, not the Parameters: dynamo fixes a Parameter's shape, and with it the channel count.
-        weight, bias = self.weight.view(-1), self.bias.view(-1)
-        if shift is None:
-            return plain(x, weight, bias, self.num_groups, self.eps)
-        return shifted(x, shift, weight, bias, self.num_groups, self.eps)
-
-
-def _group_norm(channels: int, eps: float, silu: bool = False) -> GroupNorm:
-    """GroupNorm (followed by SiLU: GroupNormSiLU) with up to 32 groups of at least 4 channels, always
-    a divisor of `channels`."""
+def _group_norm(channels: int, eps: float) -> GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels, always a divisor of `channels`."""
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return (GroupNormSiLU if silu else GroupNorm)(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
 
 
 def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -167,11 +119,11 @@ class UNetBlock(nn.Module):
         self.takes_skip = takes_skip  # decoder blocks concatenate one encoder skip before running
 
         cond_channels = out_channels * (2 if adaptive_scale else 1)
-        self.norm0 = _group_norm(in_channels, eps, silu=True)
+        self.norm0 = _group_norm(in_channels, eps)
         self.conv0 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.affine_t = nn.Linear(emb_channels, cond_channels)
         self.affine_s = nn.Linear(emb_channels, cond_channels)
-        self.norm1 = _group_norm(out_channels, eps, silu=not adaptive_scale)
+        self.norm1 = _group_norm(out_channels, eps)
         self.conv1 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         needs_proj = in_channels != out_channels or resample != "none"
         self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if needs_proj else None
@@ -183,13 +135,13 @@ class UNetBlock(nn.Module):
         _init_xavier(self.conv1, gain=1e-5)
 
     def forward(self, x: torch.Tensor, emb_t: torch.Tensor, emb_s: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(_resample(self.norm0(x), self.resample))
+        h = self.conv0(_resample(F.silu(self.norm0(x)), self.resample))
         cond = (self.affine_t(emb_t) + self.affine_s(emb_s))[:, :, None, None].to(h.dtype)
         if self.adaptive_scale:
             scale, shift = cond.chunk(2, dim=1)
             h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
-            h = self.norm1(h, shift=cond)
+            h = F.silu(self.norm1(h + cond))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         skip = x if self.skip is None else self.skip(_resample(x, self.resample))
         x = (h + skip) * _SQRT_HALF
@@ -291,19 +243,10 @@ class UNetBackbone(nn.Module):
                 self.dec.append(UNetBlock(cin, cout, attention=attn, takes_skip=True, **block))
         assert not skip_channels, "every encoder skip must be consumed exactly once"
 
-        self.norm_out = _group_norm(cout, eps, silu=True)
+        self.norm_out = _group_norm(cout, eps)
         self.conv_out = nn.Conv2d(cout, out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-
-    def compile_norms(self) -> None:
-        """Run every GroupNorm-SiLU through one torch.compile of group_norm_silu (and one of its shifted
-        form), with dynamic shapes, so the U-Net's channel counts, resolutions and batch sizes share a
-        few graphs. For GPUs: see GroupNormSiLU."""
-        kernels = tuple(torch.compile(fn, dynamic=True) for fn in (group_norm_silu, shifted_group_norm_silu))
-        for module in self.modules():
-            if isinstance(module, GroupNormSiLU):
-                module.kernels = kernels
 
     def last_layer_weight(self) -> nn.Parameter:
         """Weight of the final output conv (for VQGAN-style adaptive loss weights)."""
@@ -331,5 +274,5 @@ class UNetBackbone(nn.Module):
             if blk.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb_t, emb_s)
-        out = self.conv_out(self.norm_out(x))
+        out = self.conv_out(F.silu(self.norm_out(x)))
         return out.to(x_in.dtype)
