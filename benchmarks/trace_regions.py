@@ -68,9 +68,30 @@ def main(path: str, steps: int) -> None:
     print("\nby labelled range (ms/step):")
     for name, us in by_region.most_common(30):
         print(f"  {us / 1e3 / steps:8.1f}  {name}")
+    idle, window = idle_by_host_region(kernels, ranges, min(ops))
+    print(f"\nGPU idle while the host ran each labelled range, the GPU's queue empty (ms/step; the GPU's "
+          f"window {window / 1e3 / steps:.1f} ms/step):")
+    for name, us in idle.most_common(20):
+        print(f"  {us / 1e3 / steps:8.1f}  {name}")
     print("\nby launching aten op, copies by the op that asked for them (ms/step, kernels/step):")
     for name, us in by_op.most_common(40):
         print(f"  {us / 1e3 / steps:8.1f}  {count[name] / steps:7.0f}  {name}")
+
+
+def idle_by_host_region(kernels: list[dict], ranges: list[dict], main_tid: int) -> tuple[collections.Counter, float]:
+    """Each gap between the GPU's kernels (merged over streams), charged to the main thread's innermost
+    labelled range at the gap's middle: where the host, not the GPU, bounds the step."""
+    spans = sorted((k["ts"], k["ts"] + k["dur"]) for k in kernels)
+    own = [r for r in ranges if r["tid"] == main_tid]
+    idle = collections.Counter()
+    end = spans[0][1]
+    for start, stop in spans[1:]:
+        if start > end:
+            mid = (start + end) / 2
+            inside = [r for r in own if r["ts"] <= mid <= r["ts"] + r["dur"]]
+            idle[min(inside, key=lambda r: r["dur"])["name"] if inside else "(outside the labelled ranges)"] += start - end
+        end = max(end, stop)
+    return idle, spans[-1][1] - spans[0][0]
 
 
 if __name__ == "__main__":

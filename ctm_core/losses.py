@@ -267,7 +267,12 @@ def adaptive_weight(reference_norm: Tensor, term_norm: Tensor, min_value: float 
 
 
 def discriminator_loss(discriminator: Callable[[Tensor], Sequence[Tensor]], real: Tensor, fake: Tensor) -> Tensor:
-    """The discriminator's step: fake is detached, so this loss never reaches the generator."""
+    """The discriminator's step: fake is detached, so this loss never reaches the generator. A
+    discriminator with `real_and_fake_logits` (the projected one) computes both sides' logits in one
+    pass through its frozen feature networks."""
+    pair = getattr(discriminator, "real_and_fake_logits", None)
+    if pair is not None:
+        return gan_discriminator_loss(*pair(real, fake.detach()))
     return gan_discriminator_loss(discriminator(real), discriminator(fake.detach()))
 
 

@@ -286,6 +286,38 @@ def test_state_dict_keeps_heads_and_projections_not_backbones(tiny_disc, tiny_we
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_discriminator_step_runs_the_feature_nets_once_and_keeps_each_heads_halves_apart(tiny_weight_files):
+    """discriminator_loss on the projected discriminator: real and fake share one pass through the frozen
+    feature networks, and the logits and the heads' gradients are those of two calls (augmentation off,
+    spectral norms held in eval mode). Inside the hinge margins each head's output bias has a gradient of
+    exactly zero in exact arithmetic; with the halves summed apart it is exactly zero in float32 too."""
+    from ctm_core.losses import discriminator_loss, gan_discriminator_loss
+
+    torch.manual_seed(0)
+    disc = build_projected_discriminator(TINY_NETS, tiny_weight_files, input_size=64, model_kwargs=TINY_KWARGS,
+                                         diffaug_policy=None).eval()
+    real, fake = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    calls = []
+    for net in disc.feature_nets:
+        net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    pair = disc.real_and_fake_logits(real, fake)
+    assert calls == [6, 6]  # each feature network once, on both batches
+    for got, want in zip(pair, (disc(real), disc(fake))):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want, strict=True))
+    assert all(lg.abs().max() < 1 for side in pair for lg in side)  # inside the margins
+
+    grads = []
+    for loss in (lambda: discriminator_loss(disc, real, fake),
+                 lambda: gan_discriminator_loss(disc(real), disc(fake))):
+        disc.zero_grad(set_to_none=True)
+        loss().backward()
+        grads.append({name: p.grad.clone() for name, p in disc.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+    out_biases = [k for k in grads[0] if k.endswith("out.bias")]
+    assert len(out_biases) == 8 and all(torch.equal(grads[0][k], torch.zeros(1)) for k in out_biases)
+
+
 def test_diffaugment_draws_differ_between_calls(tiny_disc):
     torch.manual_seed(4)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
