@@ -21,11 +21,14 @@ drift apart over the steps, as two bf16 runs of the same variant would).
 Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 autocast):
     defaults   the trainer's GPU defaults: channels_last everywhere, cuDNN autotuning, fused Adam,
                torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph,
-               torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones)
+               torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones),
+               the target branch's no-grad jumps (student, EMA target) replayed as CUDA graphs
     eager-features  defaults with train.compile_features=off
-    plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off
+    plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off,
+               train.target_graphs=off
     compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
+    no-target-graphs  defaults with train.target_graphs=off (the target branch's two jumps eager)
 """
 from __future__ import annotations
 
@@ -54,9 +57,11 @@ from ctm_core.train import Callback, train  # noqa: E402
 VARIANTS = {
     "defaults": [],
     "eager-features": ["train.compile_features=off"],
-    "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off"],
+    "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off",
+              "train.target_graphs=off"],
     "compiled": ["train.compile=true"],
     "nchw": ["train.channels_last=off"],
+    "no-target-graphs": ["train.target_graphs=off"],
 }
 
 

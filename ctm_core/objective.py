@@ -19,6 +19,7 @@ from .losses import (Distance, GridTimes, adaptive_weight, ctm_loss, discriminat
 from .parameterization import CTMModel
 from .process import broadcast_time
 from .solvers import solve_on_grid
+from .teacher_graph import GraphedJumps
 
 
 @dataclass
@@ -50,13 +51,18 @@ class GeneratorObjective(nn.Module):
     """L = lambda_CTM L_CTM + lambda_DSM w_DSM L_DSM + lambda_GAN w_GAN L_GAN (mode 'edm': L_DSM only)."""
 
     def __init__(self, student: CTMModel, config: TrainConfig, grid: Tensor, distance: Distance,
-                 target: CTMModel, teacher: CTMModel | None, discriminator: nn.Module | None):
+                 target: CTMModel, teacher: CTMModel | None, discriminator: nn.Module | None,
+                 graph_jumps: bool = False):
         super().__init__()
         self.student = student
         self.config = config
         self.register_buffer("grid", grid, persistent=False)
         self.distance = distance
-        self._frozen = {"target": target, "teacher": teacher, "discriminator": discriminator}
+        # graph_jumps: the no-grad jumps of the target branch replayed as CUDA graphs (GraphedJumps); a
+        # plain dict holds the student's wrapper, so the student is not registered twice.
+        wrap = GraphedJumps if graph_jumps else (lambda model: model)
+        self._frozen = {"target": wrap(target), "teacher": teacher, "discriminator": discriminator}
+        self._no_grad_calls = {"student": wrap(student)}
 
     def _solver(self, labels: Tensor | None, steps: int | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """The t -> u segment: the teacher's Heun steps (`steps` of them at most, when the draw knows
@@ -94,7 +100,7 @@ class GeneratorObjective(nn.Module):
         denoised: list[Tensor] = []  # D(x_dsm, t_dsm), computed in the student's jump call
         student_jump = self._jump_with_dsm(batch, denoised) if weights.dsm > 0 else None
         solver = self._solver(batch.labels, batch.times.steps)
-        terms = ctm_loss(student, self._frozen["target"], solver, batch.x0, batch.noise, batch.times, self.grid,
+        terms = ctm_loss(self._no_grad_calls["student"], self._frozen["target"], solver, batch.x0, batch.noise, batch.times, self.grid,
                          self.distance, target_inner, class_labels=batch.labels, student_jump=student_jump)
         l_ctm = terms.distance.mean()
         logs["loss_ctm"] = l_ctm.detach()

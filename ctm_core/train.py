@@ -110,7 +110,7 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
 
 def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
     """GPU-only accelerations forced 'on' without CUDA: refused before any data or network loads."""
-    for flag in ("compile_teacher", "teacher_graphs", "compile_features"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features"):
         if getattr(loop, flag) == "on" and device.type != "cuda":
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
 
@@ -314,7 +314,8 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
 
     grid = karras_grid(config.ctm.num_points, student.process, torch.float32, env.device)
     solver_teacher = None if teacher is None else _accelerate_teacher(teacher, config.train, env.device)
-    g_objective = GeneratorObjective(student, config, grid, distance, target, solver_teacher, discriminator)
+    g_objective = GeneratorObjective(student, config, grid, distance, target, solver_teacher, discriminator,
+                                     graph_jumps=env.device.type == "cuda" and config.train.target_graphs != "off")
     d_objective = DiscriminatorObjective(discriminator) if discriminator is not None else None
     if config.train.compile:  # the two U-Nets the step differentiates through: the student and the EMA target
         student.backbone.compile()

@@ -348,14 +348,14 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
 
 
 def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp_path, teacher_dir):
-    from ctm_core.teacher_graph import GraphedTeacher
+    from ctm_core.teacher_graph import GraphedJumps, GraphedTeacher
     from ctm_core.discriminators import VectorDiscriminator
     from ctm_core.train import _accelerate_teacher, _compile_frozen_features, _load_teacher
 
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
     assert _accelerate_teacher(teacher, config.train, torch.device("cpu")) is teacher  # auto: nothing on CPU
-    for flag in ("compile_teacher", "teacher_graphs", "compile_features"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features"):
         for mode in ("edm", "ctm"):  # refused in every mode, with or without a teacher, before anything runs
             forced = _tiny(tmp_path, f"forced-{mode}", [f"mode={mode}", f"teacher.checkpoint={teacher_dir}",
                                                         f"train.{flag}=on"])
@@ -365,11 +365,12 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
     disc = VectorDiscriminator(2)
     _compile_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
     assert disc._compiled_call_impl is None
-    graphed = GraphedTeacher(teacher)  # off CUDA it is the model itself
+    graphed, jumps = GraphedTeacher(teacher), GraphedJumps(teacher)  # off CUDA they are the model itself
     x, t = torch.randn(5, 2), torch.full((5,), 3.0)
     with torch.no_grad():
         assert torch.equal(graphed.denoiser(x, t), teacher.denoiser(x, t))
-    assert graphed.process is teacher.process
+        assert torch.equal(jumps.jump(x, t, 0.5), teacher.jump(x, t, 0.5))
+    assert graphed.process is teacher.process and jumps.process is teacher.process
     with pytest.raises(ValueError, match="frozen"):
         GraphedTeacher(teacher.requires_grad_(True))
 
