@@ -89,7 +89,8 @@ def idle_by_host_region(kernels: list[dict], ranges: list[dict], main_tid: int) 
         if start > end:
             mid = (start + end) / 2
             inside = [r for r in own if r["ts"] <= mid <= r["ts"] + r["dur"]]
-            idle[min(inside, key=lambda r: r["dur"])["name"] if inside else "(outside the labelled ranges)"] += start - end
+            name = min(inside, key=lambda r: r["dur"])["name"] if inside else "(outside the labelled ranges)"
+            idle[name] += start - end
         end = max(end, stop)
     return idle, spans[-1][1] - spans[0][0]
 

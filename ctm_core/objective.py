@@ -100,8 +100,9 @@ class GeneratorObjective(nn.Module):
         denoised: list[Tensor] = []  # D(x_dsm, t_dsm), computed in the student's jump call
         student_jump = self._jump_with_dsm(batch, denoised) if weights.dsm > 0 else None
         solver = self._solver(batch.labels, batch.times.steps)
-        terms = ctm_loss(self._no_grad_calls["student"], self._frozen["target"], solver, batch.x0, batch.noise, batch.times, self.grid,
-                         self.distance, target_inner, class_labels=batch.labels, student_jump=student_jump)
+        terms = ctm_loss(self._no_grad_calls["student"], self._frozen["target"], solver, batch.x0, batch.noise,
+                         batch.times, self.grid, self.distance, target_inner, class_labels=batch.labels,
+                         student_jump=student_jump)
         l_ctm = terms.distance.mean()
         logs["loss_ctm"] = l_ctm.detach()
         with record_function("gan/generator"):
