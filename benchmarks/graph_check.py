@@ -19,9 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctm_core.builders import build_model  # noqa: E402
 from ctm_core.config import load_config  # noqa: E402
 from ctm_core.teacher_graph import GraphedJumps, GraphReplay  # noqa: E402
+from train_step import rel_err as rel  # noqa: E402
 
 
 def per_call_ms(fn, iters: int = 20) -> float:
+    """Mean ms of `iters` calls launched back to back (one sync at the end, unlike train_step.time_ms's
+    per-call events): what a loop of them costs when the host, not the GPU, bounds it."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(iters):
@@ -48,7 +51,6 @@ def main() -> None:
     bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     with torch.no_grad(), bf16():
         model.eval()
-        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
         first = graphed.jump(x, t, s)
         print(f"eval, replay vs eager: rel. diff {rel(first, model.jump(x, t, s)):.1e}")
         model.backbone.conv_out.weight.mul_(1.5)  # an in-place update, as the optimiser makes
