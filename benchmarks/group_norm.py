@@ -1,41 +1,62 @@
-"""GPU time of GroupNorm + SiLU (forward and backward) on the CIFAR-10 U-Net's activation shapes,
-channels_last bf16: the eager path the U-Net takes (native kernel, which wants NCHW, plus the layout
-copies around it) against the same function through torch.compile. Kernel time is summed from the
-profiler, so the host's launch overhead does not count. Needs a CUDA GPU.
+"""GPU time of the U-Net's GroupNorm + SiLU (forward and backward) on the CIFAR-10 U-Net's activation
+shapes, channels_last bf16, three ways: PyTorch's eager path (native kernel, which wants NCHW,
+plus the layout copies around it and a separate SiLU), the same function through torch.compile,
+and the Triton kernels of ctm_core.networks.group_norm_nhwc that the U-Net uses on CUDA. Kernel
+time is summed from the profiler, so the host's launch overhead does not count; "call us" is the
+wall time of one forward+backward launched back to back (what the eager step pays).
+
+Precision: each path's output and input gradient against float64 on the same bf16 input.
 
     python3 benchmarks/group_norm.py [--iters 20]
 
-Why: the step's profile (RESULTS.md, "Where the step's time goes") charges ~150 ms of its ~600 ms
-of kernels to GroupNorm, SiLU and their layout copies.
+Why: the step's profile (RESULTS.md) charges ~85 ms of its ~600 ms of kernels to the layout
+copies around GroupNorm alone.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from train_step import rel_err
 
-SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 256, 8, 8), (64, 128, 32, 32), (64, 256, 16, 16)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctm_core.networks.unet import GroupNorm  # noqa: E402
+
+# (B, C, H, W, shift): the student's stacked jump+DSM batch (128) and the per-call batch (64);
+# shift=True is norm1, which adds the time conditioning before the norm
+SHAPES = [(128, 128, 32, 32, False), (128, 256, 32, 32, True), (128, 512, 16, 16, False),
+          (128, 256, 16, 16, True), (128, 256, 8, 8, True), (64, 256, 32, 32, True), (64, 384, 16, 16, False)]
 
 
-def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """As networks.unet runs it under autocast: in the input's precision, then SiLU."""
-    with torch.autocast("cuda", enabled=False):
-        return F.silu(F.group_norm(x, 32, weight, bias, 1e-6))
-
-
-def kernel_us(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, iters: int) -> float:
+def kernel_and_call_us(fn, x: torch.Tensor, shift, iters: int) -> tuple[float, float]:
     grad = torch.randn_like(x)
     for _ in range(3):
-        fn(x, weight, bias).backward(grad)
+        fn(x, shift).backward(grad)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            fn(x, weight, bias).backward(grad)
+            fn(x, shift).backward(grad)
         torch.cuda.synchronize()
-    return sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA") / iters
+    kernel_us = sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA") / iters
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(x, shift).backward(grad)
+    torch.cuda.synchronize()
+    return kernel_us, (time.perf_counter() - start) / iters * 1e6
+
+
+def errors(fn, x: torch.Tensor, shift, reference) -> str:
+    out = fn(x, shift)
+    grad_out = torch.randn(out.shape, device=x.device, generator=torch.Generator(x.device).manual_seed(1))
+    grad_x, = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    x64 = x.detach().double().requires_grad_()
+    ref_out = reference(x64, None if shift is None else shift.double())
+    ref_grad, = torch.autograd.grad(ref_out, x64, grad_out.to(out.dtype).double())
+    return f"{rel_err(out.double(), ref_out):.1e} / {rel_err(grad_x.double(), ref_grad):.1e}"
 
 
 def main(argv=None) -> None:
@@ -44,22 +65,38 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/group_norm.py needs a CUDA GPU")
-    compiled = torch.compile(group_norm_silu, dynamic=False)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| shape (B, C, H, W) | MB | eager us | compiled us | speed-up | rel. err out / grad x |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for shape in SHAPES:
-        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        x.requires_grad_()
-        weight = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        bias = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        out_err = rel_err(compiled(x, weight, bias).float(), group_norm_silu(x, weight, bias).float())
-        grads = [torch.autograd.grad(fn(x, weight, bias).float().square().sum(), x)[0].float()
-                 for fn in (compiled, group_norm_silu)]
-        eager_us = kernel_us(group_norm_silu, x, weight, bias, args.iters)
-        compiled_us = kernel_us(compiled, x, weight, bias, args.iters)
-        print(f"| {shape} | {x.numel() * 2 / 1e6:.0f} | {eager_us:.1f} | {compiled_us:.1f} | "
-              f"{eager_us / compiled_us:.2f}x | {out_err:.1e} / {rel_err(*grads):.1e} |", flush=True)
+    print("| shape (B, C, H, W) | shift | MB | kernel us: eager / compiled / Triton | Triton speed-up (kernels) "
+          "| call us: eager / Triton | rel. err out / grad x: eager | Triton |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch, channels, height, width, with_shift in SHAPES:
+        norms = [GroupNorm(32, channels, eps=1e-6, silu=True).cuda() for _ in range(2)]
+        with torch.no_grad():
+            norms[0].weight.normal_(1.0, 0.2)
+            norms[0].bias.normal_(0.0, 0.2)
+        reference = GroupNorm(32, channels, eps=1e-6, silu=True).cuda().double()
+        for other in (norms[1], reference):
+            other.load_state_dict(norms[0].state_dict())
+        norms[0].triton = reference.triton = False
+        x = torch.randn(batch, channels, height, width, device="cuda").mul(2).add(1).to(torch.bfloat16)
+        x = x.to(memory_format=torch.channels_last).requires_grad_()
+        shift = torch.randn(batch, channels, device="cuda", dtype=torch.bfloat16) if with_shift else None
+
+        def call(norm: GroupNorm):
+            def fn(x, shift):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return norm(x, shift)
+            return fn
+
+        eager, fused = call(norms[0]), call(norms[1])
+        compiled = torch.compile(eager, dynamic=False)
+        eager_us, eager_call = kernel_and_call_us(eager, x, shift, args.iters)
+        compiled_us, _ = kernel_and_call_us(compiled, x, shift, args.iters)
+        triton_us, triton_call = kernel_and_call_us(fused, x, shift, args.iters)
+        print(f"| {(batch, channels, height, width)} | {'yes' if with_shift else 'no'} | {x.numel() * 2 / 1e6:.0f} "
+              f"| {eager_us:.1f} / {compiled_us:.1f} / {triton_us:.1f} | {eager_us / triton_us:.2f}x "
+              f"| {eager_call:.0f} / {triton_call:.0f} | {errors(eager, x, shift, reference)} "
+              f"| {errors(fused, x, shift, reference)} |", flush=True)
 
 
 if __name__ == "__main__":

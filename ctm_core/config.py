@@ -177,6 +177,7 @@ class TrainLoopConfig:
     compile_teacher: Switch = "auto"   # torch.compile of the frozen teacher's backbone; auto: on for CUDA
     teacher_graphs: Switch = "auto"    # the teacher's denoiser as a CUDA graph (ctm_core.teacher_graph); auto: CUDA
     target_graphs: Switch = "auto"     # the target branch's no-grad jumps as CUDA graphs (GraphedJumps); auto: CUDA
+    triton_norms: Switch = "auto"      # the U-Nets' GroupNorm(+SiLU) as Triton kernels on channels_last; auto: CUDA
     # torch.compile of the frozen feature networks: LPIPS's VGG16 and the projected discriminator's backbones
     compile_features: Switch = "auto"
 

@@ -36,6 +36,7 @@ from .distributed import DistEnv, barrier, broadcast_object, init_distributed
 from .ema import EMABank
 from .evaluation import Evaluator, metric_key, save_sample_figure
 from .losses import make_distance, sample_cd_times, sample_ctm_times, sample_dsm_times
+from .networks.unet import HAS_TRITON, use_triton_norms
 from .objective import DiscriminatorObjective, GeneratorObjective, MicroBatch, StepWeights
 from .parameterization import CTMModel
 from .process import karras_grid
@@ -110,9 +111,11 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
 
 def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
     """GPU-only accelerations forced 'on' without CUDA: refused before any data or network loads."""
-    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "triton_norms"):
         if getattr(loop, flag) == "on" and device.type != "cuda":
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
+    if loop.triton_norms == "on" and not HAS_TRITON:
+        raise ValueError("train.triton_norms=on needs the triton package (PyTorch's Linux wheels bring it)")
 
 
 def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
@@ -249,6 +252,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     student.check_inputs = check_inputs
     if teacher is not None:
         teacher.check_inputs = check_inputs
+    for net in (student, teacher):  # the EMA copies below inherit the student's choice
+        if net is not None:
+            use_triton_norms(net, config.train.triton_norms != "off")
     channels_last = kind == "image" and (config.train.channels_last == "on" or
                                          (config.train.channels_last == "auto" and env.device.type == "cuda"))
     layout = torch.channels_last if channels_last else torch.preserve_format

@@ -370,3 +370,30 @@ def test_group_norm_keeps_bf16_under_autocast_with_fp32_statistics():
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
     torch.testing.assert_close(norm(x), ref)  # fp32 in, fp32 out: a plain GroupNorm
+
+
+def test_group_norm_adds_its_shift_and_applies_silu_where_the_unet_built_it_to():
+    """The U-Net's norms carry the SiLU that follows them (and norm1 the time conditioning added before
+    it), so that on CUDA one kernel does all three; off the Triton path they compute what the
+    separate ops did. The attention block's norm and the FiLM variant's norm1 have no SiLU."""
+    from torch.nn import functional as F
+
+    from ctm_core.networks.unet import GroupNorm, use_triton_norms
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16, eps=1e-6, silu=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x, shift = torch.randn(2, 16, 4, 4), torch.randn(2, 16)
+    ref = F.silu(F.group_norm(x + shift[:, :, None, None], 4, norm.weight, norm.bias, 1e-6))
+    torch.testing.assert_close(norm(x, shift=shift), ref)
+
+    unet = tiny_unet()
+    assert unet.enc[0].norm0.silu and unet.enc[0].norm1.silu and unet.norm_out.silu
+    assert not next(b for b in unet.dec if b.attn is not None).attn.norm.silu
+    assert not tiny_unet(adaptive_scale=True).enc[0].norm1.silu  # FiLM: scale and shift come between
+    norms = [m for m in unet.modules() if isinstance(m, GroupNorm)]
+    assert norms and all(m.triton for m in norms)  # the default: the kernels wherever CUDA runs
+    use_triton_norms(unet, False)
+    assert not any(m.triton for m in norms)

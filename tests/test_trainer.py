@@ -355,7 +355,7 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
     assert _accelerate_teacher(teacher, config.train, torch.device("cpu")) is teacher  # auto: nothing on CPU
-    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "triton_norms"):
         for mode in ("edm", "ctm"):  # refused in every mode, with or without a teacher, before anything runs
             forced = _tiny(tmp_path, f"forced-{mode}", [f"mode={mode}", f"teacher.checkpoint={teacher_dir}",
                                                         f"train.{flag}=on"])

@@ -13,6 +13,7 @@ the channels_last memory format.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 from .embeddings import TimeEmbedding, check_inputs
 
 _SQRT_HALF = math.sqrt(0.5)
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # PyTorch's Linux wheels bundle it
 
 
 def _init_xavier(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> None:
@@ -33,26 +35,51 @@ def _init_xavier(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> None:
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm in its input's precision, as EDM runs it.
+    """GroupNorm(x [+ shift]) [then SiLU], in its input's precision, as EDM runs it.
 
     bf16 autocast would upcast every activation to fp32 for the norm and cast it back for the next
     convolution: two extra copies of each activation, in the forward and in the backward. The
     kernel accumulates the statistics in fp32 either way, so only the output's rounding differs,
-    and the next convolution rounds its input to bf16 anyway."""
+    and the next convolution rounds its input to bf16 anyway.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):  # nothing to undo (and small CPU nets feel every op)
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+    On CUDA with channels_last activations, eager calls go to `group_norm_nhwc`'s Triton kernels,
+    which read that layout directly and fuse the shift and the SiLU (`triton=False` keeps the
+    PyTorch path). Under torch.compile the PyTorch path is traced: inductor fuses it itself.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+        self.triton = True
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        if self.triton and HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling():
+            from .group_norm_nhwc import group_norm_nhwc, supports  # Triton is imported on CUDA only
+            if supports(x):
+                return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift)
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                x = F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        else:  # nothing to undo (and small CPU nets feel every op)
+            x = super().forward(x)
+        return F.silu(x) if self.silu else x
 
 
-def _group_norm(channels: int, eps: float) -> GroupNorm:
+def _group_norm(channels: int, eps: float, silu: bool) -> GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels, always a divisor of `channels`."""
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps, silu=silu)
+
+
+def use_triton_norms(module: nn.Module, enabled: bool) -> None:
+    """Route every U-Net GroupNorm inside `module` to the Triton kernels on CUDA, or not."""
+    for norm in module.modules():
+        if isinstance(norm, GroupNorm):
+            norm.triton = enabled
 
 
 def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -72,7 +99,7 @@ class SelfAttention2d(nn.Module):
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the channel count {channels}")
         self.num_heads = num_heads
-        self.norm = _group_norm(channels, eps)
+        self.norm = _group_norm(channels, eps, silu=False)
         self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
         self.proj = nn.Conv2d(channels, channels, kernel_size=1)
         _init_xavier(self.qkv, gain=math.sqrt(0.2))
@@ -119,11 +146,11 @@ class UNetBlock(nn.Module):
         self.takes_skip = takes_skip  # decoder blocks concatenate one encoder skip before running
 
         cond_channels = out_channels * (2 if adaptive_scale else 1)
-        self.norm0 = _group_norm(in_channels, eps)
+        self.norm0 = _group_norm(in_channels, eps, silu=True)
         self.conv0 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.affine_t = nn.Linear(emb_channels, cond_channels)
         self.affine_s = nn.Linear(emb_channels, cond_channels)
-        self.norm1 = _group_norm(out_channels, eps)
+        self.norm1 = _group_norm(out_channels, eps, silu=not adaptive_scale)  # FiLM: SiLU after
         self.conv1 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         needs_proj = in_channels != out_channels or resample != "none"
         self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if needs_proj else None
@@ -135,13 +162,13 @@ class UNetBlock(nn.Module):
         _init_xavier(self.conv1, gain=1e-5)
 
     def forward(self, x: torch.Tensor, emb_t: torch.Tensor, emb_s: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(_resample(F.silu(self.norm0(x)), self.resample))
-        cond = (self.affine_t(emb_t) + self.affine_s(emb_s))[:, :, None, None].to(h.dtype)
+        h = self.conv0(_resample(self.norm0(x), self.resample))
+        cond = (self.affine_t(emb_t) + self.affine_s(emb_s)).to(h.dtype)
         if self.adaptive_scale:
-            scale, shift = cond.chunk(2, dim=1)
+            scale, shift = cond[:, :, None, None].chunk(2, dim=1)
             h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
-            h = F.silu(self.norm1(h + cond))
+            h = self.norm1(h, shift=cond)
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         skip = x if self.skip is None else self.skip(_resample(x, self.resample))
         x = (h + skip) * _SQRT_HALF
@@ -243,7 +270,7 @@ class UNetBackbone(nn.Module):
                 self.dec.append(UNetBlock(cin, cout, attention=attn, takes_skip=True, **block))
         assert not skip_channels, "every encoder skip must be consumed exactly once"
 
-        self.norm_out = _group_norm(cout, eps)
+        self.norm_out = _group_norm(cout, eps, silu=True)
         self.conv_out = nn.Conv2d(cout, out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -274,5 +301,5 @@ class UNetBackbone(nn.Module):
             if blk.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb_t, emb_s)
-        out = self.conv_out(F.silu(self.norm_out(x)))
+        out = self.conv_out(self.norm_out(x))
         return out.to(x_in.dtype)

@@ -1,0 +1,236 @@
+"""GroupNorm (+ SiLU) that reads and writes channels_last activations directly, as two Triton kernels.
+
+Why: PyTorch's CUDA GroupNorm wants NCHW, so on the channels_last U-Net every eager norm pays a
+layout copy in and out, in the forward and in the backward (~85 ms of an H100 step's ~600 ms of
+kernels, benchmarks/RESULTS.md), and SiLU is one more pass over the activation each way.
+torch.compile fuses the norm but meets more shapes than its recompile limit allows (the same
+RESULTS.md, fifth session). No maintained library ships a channels_last GroupNorm for PyTorch.
+
+Layout: x is (B, C, H, W) in channels_last memory, i.e. (B, H*W, C) row-major. One program owns
+one sample and a block of whole groups: it walks the H*W rows in tiles whose rows are contiguous
+runs of channels, accumulates per-channel sums in fp32 (shifted by the first row, so that a large
+mean does not cancel the variance), merges them into group statistics, and walks the rows again
+to write the output. The backward recomputes the normalised input and the SiLU from x rather
+than storing them, so the autograd graph keeps x and two (B, G) vectors, not the norm's output.
+
+Importing this module needs Triton (bundled with PyTorch's Linux wheels); the U-Net imports it
+only on CUDA. With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors,
+which is how the tests check them without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE_ELEMENTS = 4096  # elements per tile (rows x channel block): enough loads in flight per program
+_CHANNELS_PER_PROGRAM = 64  # whole groups per program, about one 128-byte line of bf16 per row
+
+
+@triton.jit
+def _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G: tl.constexpr):
+    """Each lane's group inside the program's block, as a (channel, group) one-hot mask."""
+    cmask = (offs_c < CPP) & (c0 + offs_c < C)
+    onehot = ((offs_c // cg)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
+    return cmask, onehot
+
+
+@triton.jit
+def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, eps, BLOCK_HW: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, SILU: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    sample = tl.program_id(0)
+    block = tl.program_id(1)
+    c0 = block * CPP
+    offs_c = tl.arange(0, BLOCK_C)
+    channels = c0 + offs_c
+    cmask, onehot = _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G)
+    base = sample.to(tl.int64) * HW * C
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(Shift + sample * C + channels, mask=cmask, other=0.0).to(tl.float32)
+
+    pivot = tl.load(X + base + channels, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        x = tl.load(X + base + rows[:, None] * C + channels[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - pivot[None, :], 0.0)
+        s1 += tl.sum(d, axis=0)
+        s2 += tl.sum(d * d, axis=0)
+
+    # per channel: mean and sum of squared deviations; per group: Chan et al.'s pairwise merge
+    channel_mean = pivot + shift + s1 / HW
+    channel_m2 = s2 - s1 * s1 / HW
+    group_mean = tl.sum(tl.where(onehot, channel_mean[:, None], 0.0), axis=0) / cg
+    mean = tl.sum(tl.where(onehot, group_mean[None, :], 0.0), axis=1)
+    spread = channel_mean - mean
+    group_m2 = tl.sum(tl.where(onehot, (channel_m2 + HW * spread * spread)[:, None], 0.0), axis=0)
+    group_rstd = 1.0 / tl.sqrt(tl.maximum(group_m2, 0.0) / (HW * cg) + eps)
+    rstd = tl.sum(tl.where(onehot, group_rstd[None, :], 0.0), axis=1)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    groups = block * (CPP // cg) + offs_g
+    gmask = (offs_g < CPP // cg) & (groups < G)
+    tl.store(Mean + sample * G + groups, group_mean, mask=gmask)
+    tl.store(Rstd + sample * G + groups, group_rstd, mask=gmask)
+
+    weight = tl.load(Weight + channels, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + channels, mask=cmask, other=0.0).to(tl.float32)
+    scale = rstd * weight
+    offset = bias + (shift - mean) * scale
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        pointers = base + rows[:, None] * C + channels[None, :]
+        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
+        z = x * scale[None, :] + offset[None, :]
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(Y + pointers, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU: tl.constexpr):
+    """(dL/dz of the affine output z, the normalised input) for one tile."""
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    if SILU:
+        z = xhat * weight[None, :] + bias[None, :]
+        s = tl.sigmoid(z)
+        dy = dy * s * (1.0 + z * (1.0 - s))
+    return dy, xhat
+
+
+@triton.jit
+def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight, DBias, HW, C, G, cg, CPP,
+                     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, SILU: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr):
+    sample = tl.program_id(0)
+    block = tl.program_id(1)
+    c0 = block * CPP
+    offs_c = tl.arange(0, BLOCK_C)
+    channels = c0 + offs_c
+    cmask, onehot = _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G)
+    base = sample.to(tl.int64) * HW * C
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(Shift + sample * C + channels, mask=cmask, other=0.0).to(tl.float32)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    groups = block * (CPP // cg) + offs_g
+    gmask = (offs_g < CPP // cg) & (groups < G)
+    mean = tl.sum(tl.where(onehot, tl.load(Mean + sample * G + groups, mask=gmask, other=0.0)[None, :], 0.0), axis=1)
+    rstd = tl.sum(tl.where(onehot, tl.load(Rstd + sample * G + groups, mask=gmask, other=0.0)[None, :], 0.0), axis=1)
+    mean = mean - shift  # the shift enters as x + shift - mean
+    weight = tl.load(Weight + channels, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + channels, mask=cmask, other=0.0).to(tl.float32)
+
+    sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        pointers = base + rows[:, None] * C + channels[None, :]
+        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + pointers, mask=mask, other=0.0).to(tl.float32)
+        dz, xhat = _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU)
+        dz = tl.where(mask, dz, 0.0)
+        sum_dz += tl.sum(dz, axis=0)
+        sum_dz_xhat += tl.sum(dz * xhat, axis=0)
+    tl.store(DWeight + sample * C + channels, sum_dz_xhat, mask=cmask)
+    tl.store(DBias + sample * C + channels, sum_dz, mask=cmask)
+
+    # dx = rstd (w dz - mean_group(w dz) - xhat mean_group(w dz xhat))
+    count = HW * cg
+    mean_wdz = tl.sum(tl.where(onehot, (weight * sum_dz)[:, None], 0.0), axis=0) / count
+    mean_wdz_xhat = tl.sum(tl.where(onehot, (weight * sum_dz_xhat)[:, None], 0.0), axis=0) / count
+    mean_wdz = tl.sum(tl.where(onehot, mean_wdz[None, :], 0.0), axis=1)
+    mean_wdz_xhat = tl.sum(tl.where(onehot, mean_wdz_xhat[None, :], 0.0), axis=1)
+    sum_dx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        rows = start + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & cmask[None, :]
+        pointers = base + rows[:, None] * C + channels[None, :]
+        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + pointers, mask=mask, other=0.0).to(tl.float32)
+        dz, xhat = _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU)
+        dx = rstd[None, :] * (dz * weight[None, :] - mean_wdz[None, :] - xhat * mean_wdz_xhat[None, :])
+        tl.store(DX + pointers, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_SHIFT:
+            sum_dx += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+    if HAS_SHIFT:
+        tl.store(DShift + sample * C + channels, sum_dx, mask=cmask)
+
+
+def _launch_shape(channels: int, groups: int, hw: int) -> tuple[int, int, int, int, int]:
+    """(channels per program, programs per sample, BLOCK_C, BLOCK_G, BLOCK_HW) for whole groups."""
+    per_group = channels // groups
+    groups_per_program = max(1, min(groups, _CHANNELS_PER_PROGRAM // per_group))
+    per_program = groups_per_program * per_group
+    block_c = triton.next_power_of_2(per_program)
+    block_hw = max(1, min(triton.next_power_of_2(hw), _TILE_ELEMENTS // block_c))
+    return (per_program, triton.cdiv(groups, groups_per_program), block_c,
+            triton.next_power_of_2(groups_per_program), block_hw)
+
+
+class _GroupNormNHWC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shift, weight, bias, groups: int, eps: float, silu: bool):
+        batch, channels, height, width = x.shape
+        hw = height * width
+        per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
+        y = torch.empty_like(x)
+        mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        _forward_kernel[(batch, programs)](
+            x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
+            channels // groups, per_program, eps,
+            BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
+        ctx.save_for_backward(x, shift, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, shift, weight, bias, mean, rstd = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        hw = height * width
+        per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, ctx.groups, hw)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        dx = torch.empty_like(x)
+        dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+        dbias = torch.empty_like(dweight)
+        dshift = None if shift is None else torch.empty_like(dweight)
+        _backward_kernel[(batch, programs)](
+            dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
+            dweight if dshift is None else dshift, dweight, dbias, hw, channels, ctx.groups,
+            channels // ctx.groups, per_program,
+            BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=ctx.silu, HAS_SHIFT=shift is not None)
+        dshift = None if shift is None else dshift.to(shift.dtype)
+        return dx, dshift, dweight.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None, None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Inputs the kernels are written for: 4-d channels_last activations in fp32, bf16 or fp16."""
+    return (x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0)
+
+
+def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                    silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm(x + shift) (then SiLU if `silu`) for channels_last x, in x's dtype and layout.
+
+    `shift` (B, C) is a per-sample, per-channel offset added before the norm (the U-Net's time
+    conditioning), so that x + shift is never written out. Statistics, affine and SiLU are computed
+    in fp32 and rounded once; the gradients come back in their inputs' dtypes."""
+    if not supports(x):
+        raise ValueError(f"group_norm_nhwc needs a 4-d channels_last fp32/bf16/fp16 tensor, got "
+                         f"{tuple(x.shape)} {x.dtype} with strides {x.stride()}")
+    if x.shape[1] % groups:
+        raise ValueError(f"groups={groups} must divide the channel count {x.shape[1]}")
+    if shift is not None:
+        if shift.shape != x.shape[:2]:
+            raise ValueError(f"shift must be (batch, channels) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
+        shift = shift.contiguous()
+    return _GroupNormNHWC.apply(x, shift, weight, bias, groups, eps, silu)
