@@ -25,10 +25,11 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
                the target branch's no-grad jumps (student, EMA target) replayed as CUDA graphs
     eager-features  defaults with train.compile_features=off
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off,
-               train.target_graphs=off
+               train.target_graphs=off, train.triton_norms=off
     compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
     no-target-graphs  defaults with train.target_graphs=off (the target branch's two jumps eager)
+    no-triton-norms   defaults with train.triton_norms=off (the U-Nets' GroupNorm through PyTorch)
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,10 +61,11 @@ VARIANTS = {
     "defaults": [],
     "eager-features": ["train.compile_features=off"],
     "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off",
-              "train.target_graphs=off"],
+              "train.target_graphs=off", "train.triton_norms=off"],
     "compiled": ["train.compile=true"],
     "nchw": ["train.channels_last=off"],
     "no-target-graphs": ["train.target_graphs=off"],
+    "no-triton-norms": ["train.triton_norms=off"],
 }
 
 
@@ -108,21 +112,22 @@ def redraw_near_zero_tensors(run_dir: Path, std: float = 0.02) -> int:
 
 
 def variant_config(name: str, out: Path, teacher: Path, common: list[str], steps: int, extra: Sequence[str] = ()):
-    """The CIFAR-10 CTM config of one variant, logging every step (its it/s are the timings)."""
+    """The CIFAR-10 CTM config of one variant (its logged it/s are the timings)."""
     return load_config(REPO / "configs" / "cifar10_ctm.yaml",
                        common + VARIANTS[name] + [f"teacher.checkpoint={teacher}", f"runtime.out_dir={out}",
-                                                  f"train.steps={steps}", "train.log_every=1",
-                                                  f"train.ckpt_every={steps}", *extra])
+                                                  f"train.steps={steps}", f"train.ckpt_every={steps}", *extra])
 
 
 def step_timings(out: Path, warmup: int, until: int | None = None) -> tuple[list[dict], dict]:
-    """(the run's per-step log records, {s_per_step: median of steps warmup..until, warmup_s: sum of the first})."""
+    """(the run's log records, {s_per_step: median over the records of steps warmup+1..until of their mean
+    s/step, warmup_s: the first `warmup` steps' seconds}). Each record covers the steps since the last."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train/it_per_s" in r]
-    seconds = [1.0 / r["train/it_per_s"] for r in logged]
-    timed = seconds[warmup:until]
+    spans = [(r["step"], (r["step"] - before) / r["train/it_per_s"], r["step"] - before)
+             for r, before in zip(logged, [0] + [r["step"] for r in logged])]
+    timed = [seconds / count for step, seconds, count in spans if step > warmup and (until is None or step <= until)]
     return logged, {"s_per_step": statistics.median(timed) if timed else float("nan"),
-                    "warmup_s": sum(seconds[:warmup])}
+                    "warmup_s": sum(seconds for step, seconds, _ in spans if step <= warmup)}
 
 
 class ProfilerStepper(Callback):
@@ -175,8 +180,43 @@ def profile_summary(profiler, steps: int) -> str:
     return "\n".join(lines)
 
 
+class SyncFinder(Callback):
+    """Turns torch.cuda's sync debug mode on after step `start` and off after step `stop`, and counts
+    the warnings it raises by the ctm_core/benchmark lines on the stack (the trainer logs every step)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+        self.counts: dict[str, int] = {}
+        self._previous = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return self._previous(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/ctm_core/" in f.filename or "/benchmarks/" in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        self.counts[where] = self.counts.get(where, 0) + 1
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.start:
+            self._previous, warnings.showwarning = warnings.showwarning, self._record
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif step == self.stop:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._previous
+            warnings.resetwarnings()
+
+    def report(self) -> str:
+        steps = self.stop - self.start
+        lines = [f"host waits for the GPU over {steps} steps (sync debug mode), by where they were asked for:"]
+        lines += [f"  {count / steps:5.1f}/step  {where}" for where, count in
+                  sorted(self.counts.items(), key=lambda item: -item[1])] or ["  none"]
+        return "\n".join(lines)
+
+
 def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int,
-                profile_steps: int = 0, profile_out: Path | None = None) -> dict:
+                profile_steps: int = 0, profile_out: Path | None = None, sync_debug: int = 0) -> dict:
     """One trainer run; with profile_steps, its last profile_steps steps run under torch.profiler
     (left out of s/step) and a summary (plus a Chrome trace) is written next to profile_out."""
     out = work / name
@@ -203,6 +243,10 @@ def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: 
             with open(trace, "rb") as src, gzip.open(profile_out.parent / f"{profile_out.stem}_trace_{name}.json.gz",
                                                       "wb") as dst:
                 shutil.copyfileobj(src, dst)
+    elif sync_debug:
+        finder = SyncFinder(warmup, warmup + sync_debug)
+        train(config, [finder])
+        print(f"{name}: {finder.report()}", flush=True)
     else:
         train(config)
     wall = time.perf_counter() - start
@@ -248,7 +292,19 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile each variant's last N steps (torch.profiler; left out of s/step); the summary "
                              "and a Chrome trace go next to --out")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="train.log_every: each log reads the step's sums back, so the host waits for the GPU "
+                             "once per log (the shipped configs log every 100 steps); --steps and --warmup must be "
+                             "multiples of it, and s/step is the median over the logs after --warmup")
+    parser.add_argument("--sync-debug", type=int, default=0, metavar="N",
+                        help="after --warmup, list for N steps where the host waited for the GPU "
+                             "(torch.cuda.set_sync_debug_mode), with the ctm_core lines that asked for it")
     args = parser.parse_args(argv)
+    if args.log_every < 1 or args.steps % args.log_every or args.warmup % args.log_every:
+        parser.error(f"--steps {args.steps} and --warmup {args.warmup} must be multiples of "
+                     f"--log-every {args.log_every}")
+    if args.log_every > 1 and (args.profile_steps or args.sync_debug):
+        parser.error("--profile-steps and --sync-debug follow the steps through the logs: they need --log-every 1")
     if not torch.cuda.is_available():
         print("benchmarks/trainer_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -276,7 +332,7 @@ def main(argv=None) -> int:
     common = [f"data.spec=npy:{data}", f"data.batch_size={args.batch}", f"data.micro_batch={args.batch}",
               f"gan.micro_batch={args.batch}", "loss.lambda_gan=1:adaptive", f"runtime.cache_dir={cache}",
               f"eval.inception={detector}", "eval.num_samples=64", "eval.teacher_steps=null", "eval.nfe=[1]",
-              "eval.every=0", "runtime.progress=off"]
+              "eval.every=0", "runtime.progress=off", f"train.log_every={args.log_every}"]
     teacher = work / "teacher"
     train(load_config(REPO / "configs" / "cifar10_edm.yaml",
                       [c for c in common if not c.startswith(("gan.", "loss."))] +
@@ -306,7 +362,8 @@ def main(argv=None) -> int:
     else:
         for name in names:
             results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup,
-                                                   args.profile_steps, args.out or Path("trainer_gpu.json")))
+                                                   args.profile_steps, args.out or Path("trainer_gpu.json"),
+                                                   args.sync_debug))
             torch.cuda.empty_cache()
         base = results["variants"][0]
         ceiling = results.get("bf16_ceiling", {}).get("tflops")

@@ -507,6 +507,19 @@ def _load_folder(spec: DataSpec, split: str, seed: int) -> Dataset:
 # Batches.
 
 
+
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """A host tensor on `device` without holding the host back.
+
+    A copy from pageable memory to a GPU first waits until everything queued on the stream has
+    run, so each one stalls the host and then leaves the GPU idle while the host launches anew;
+    a copy from pinned memory is queued like a kernel (the caching host allocator keeps the
+    pinned buffer until the copy is done)."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class BatchStream:
     """Endless, deterministic, resumable stream of minibatch indices.
 
@@ -576,13 +589,13 @@ class BatchStream:
         if x.shape[0] != self.dataset_size:
             raise ValueError(f"x has {x.shape[0]} rows but the stream was built for dataset_size={self.dataset_size}")
         idx, flip = self.next_with_flips()
-        xb = x[idx.to(x.device)]
+        xb = x[to_device(idx, x.device)]
         if flip is not None:
             if xb.ndim != 4:
                 raise ValueError(f"hflip needs images (n, c, h, w); x has shape {tuple(x.shape)}")
-            flip = flip.to(x.device)
+            flip = to_device(flip, x.device)
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        return xb, None if y is None else y[idx.to(y.device)]
+        return xb, None if y is None else y[to_device(idx, y.device)]
 
     def state_dict(self) -> dict[str, int | bool]:
         return {"epoch": self.epoch, "offset": self.offset, "batches_drawn": self.batches_drawn,

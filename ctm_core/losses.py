@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
+from .data import to_device
 from .parameterization import CTMModel
 from .process import VEProcess, broadcast_time, karras_time
 
@@ -138,8 +139,8 @@ class GridTimes:
 
     def rows(self, lo: int, hi: int, device: torch.device | str) -> "GridTimes":
         """A microbatch's slice, on its device."""
-        return GridTimes(self.t_idx[lo:hi].to(device), self.u_idx[lo:hi].to(device), self.s_idx[lo:hi].to(device),
-                         self.s_at_end, self.steps)
+        return GridTimes(to_device(self.t_idx[lo:hi], device), to_device(self.u_idx[lo:hi], device),
+                         to_device(self.s_idx[lo:hi], device), self.s_at_end, self.steps)
 
 
 def sample_ctm_times(batch: int, num_points: int, max_steps: int, generator: torch.Generator | None = None,

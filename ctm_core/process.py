@@ -51,8 +51,14 @@ def karras_grid(num_points: int, process: VEProcess, dtype: torch.dtype = torch.
 
 
 def broadcast_time(t: Tensor | float, x: Tensor) -> Tensor:
-    """A per-sample time (B,) or scalar as a tensor broadcastable against x (B, ...)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    """A per-sample time (B,) or scalar as a tensor broadcastable against x (B, ...).
+
+    A number becomes a fill on x's device: as_tensor would copy it from pageable host memory,
+    which on a GPU makes the host wait until all queued work has run."""
+    if isinstance(t, Tensor):
+        t = t.to(dtype=x.dtype, device=x.device)
+    else:
+        t = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if t.ndim != 1 or t.shape[0] != x.shape[0]:

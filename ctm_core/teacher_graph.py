@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .parameterization import CTMModel
+from .process import broadcast_time
 
 
 class GraphReplay:
@@ -108,7 +109,7 @@ class GraphedJumps:
              class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if not _replayable(x):
             return self.model.jump(x, t, s, class_labels)
-        # Times given as numbers become tensors here: a number turned into a CUDA tensor inside the
-        # capture would be a copy from pageable host memory, which a capture refuses.
-        t, s = (torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0]) for v in (t, s))
+        # Times given as numbers become tensors here, by a fill: a copy from pageable host memory would
+        # make the host wait for the GPU, and a capture refuses one.
+        t, s = (broadcast_time(v, x).reshape(-1) for v in (t, s))
         return self._jump(x, t, s, class_labels)

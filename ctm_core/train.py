@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .builders import build_discriminator, build_model, build_optimizer, data_meta
 from .config import (ConfigError, OptimConfig, TrainConfig, TrainLoopConfig, config_from_dict, config_to_dict,
                      load_config)
-from .data import BatchStream, derived_seed, load_dataset
+from .data import BatchStream, derived_seed, load_dataset, to_device
 from .distributed import DistEnv, barrier, broadcast_object, init_distributed
 from .ema import EMABank
 from .evaluation import Evaluator, metric_key, save_sample_figure
@@ -212,8 +212,9 @@ def _slice_draw(draw: dict[str, Any], lo: int, hi: int, x0: torch.Tensor, labels
     times = draw.get("times")
     if times is not None:
         times = times.rows(lo, hi, device)
-    return MicroBatch(x0=x0, labels=labels, noise=draw["noise"][lo:hi].to(device), times=times,
-                      dsm_noise=draw["dsm_noise"][lo:hi].to(device), dsm_t=draw["dsm_t"][lo:hi].to(device))
+    return MicroBatch(x0=x0, labels=labels, noise=to_device(draw["noise"][lo:hi], device), times=times,
+                      dsm_noise=to_device(draw["dsm_noise"][lo:hi], device),
+                      dsm_t=to_device(draw["dsm_t"][lo:hi], device))
 
 
 def _step_weights(config: TrainConfig, step: int) -> StepWeights:

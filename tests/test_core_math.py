@@ -566,3 +566,17 @@ def test_host_known_solver_steps_give_the_same_solution(mixture, process):
     if k > 1:
         short = solve_on_grid(mixture.denoiser, x, grid, times.t_idx, times.u_idx, "heun", 17, k - 1)
         assert not torch.allclose(short, checked)
+
+
+def test_broadcast_time_fills_numbers_on_the_tensors_device_and_shapes_per_sample_times():
+    """Numbers become a fill in x's dtype (on a GPU a copy of a number from host memory would make the
+    host wait for the GPU); tensors keep their values; a wrong length is refused."""
+    from ctm_core.process import broadcast_time
+
+    x = torch.zeros(3, 2, 4, 4, dtype=torch.float64)
+    filled = broadcast_time(0.5, x)
+    assert filled.shape == (3, 1, 1, 1) and filled.dtype == torch.float64 and bool((filled == 0.5).all())
+    torch.testing.assert_close(broadcast_time(torch.tensor(2.0), x), torch.full((3, 1, 1, 1), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(broadcast_time(torch.arange(3.0), x).reshape(-1), torch.arange(3.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="time must be a scalar or have shape"):
+        broadcast_time(torch.ones(2), x)
