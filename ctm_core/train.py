@@ -116,6 +116,9 @@ def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
     if loop.triton_norms == "on" and not HAS_TRITON:
         raise ValueError("train.triton_norms=on needs the triton package (PyTorch's Linux wheels bring it)")
+    if loop.triton_norms == "on" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        raise ValueError(f"train.triton_norms=on needs an Ampere or newer GPU (sm_80); "
+                         f"{torch.cuda.get_device_name(device)} keeps PyTorch's GroupNorm (auto does that by itself)")
 
 
 def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:

@@ -4,7 +4,8 @@ Why: PyTorch's CUDA GroupNorm wants NCHW, so on the channels_last U-Net every ea
 layout copy in and out, in the forward and in the backward (~85 ms of an H100 step's ~600 ms of
 kernels, benchmarks/RESULTS.md), and SiLU is one more pass over the activation each way.
 torch.compile fuses the norm but meets more shapes than its recompile limit allows (the same
-RESULTS.md, fifth session). No maintained library ships a channels_last GroupNorm for PyTorch.
+RESULTS.md, fifth session). The one maintained channels_last GroupNorm we know of (NVIDIA Apex's
+contrib group_norm) has to be built from source against the local CUDA; no installable wheel has one.
 
 Layout: x is (B, C, H, W) in channels_last memory, i.e. (B, H*W, C) row-major. One program owns
 one sample and a block of whole groups: it walks the H*W rows in tiles whose rows are contiguous
@@ -14,10 +15,12 @@ to write the output. The backward recomputes the normalised input and the SiLU f
 than storing them, so the autograd graph keeps x and two (B, G) vectors, not the norm's output.
 
 Importing this module needs Triton (bundled with PyTorch's Linux wheels); the U-Net imports it
-only on CUDA. With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors,
+only on CUDA, and uses it on Ampere or newer (sm_80: Triton's bf16 conversions). With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors,
 which is how the tests check them without a GPU.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -211,10 +214,18 @@ class _GroupNormNHWC(torch.autograd.Function):
         return dx, dshift, dweight.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None, None
 
 
+@functools.lru_cache(maxsize=None)
+def _ampere_or_newer(device_index: int) -> bool:
+    """Triton's bf16 conversions need sm_80; older GPUs (V100) keep PyTorch's kernels."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def supports(x: torch.Tensor) -> bool:
-    """Inputs the kernels are written for: 4-d channels_last activations in fp32, bf16 or fp16."""
+    """Inputs the kernels are written for: 4-d channels_last activations in fp32, bf16 or fp16, on an
+    Ampere or newer GPU (or on the CPU, under Triton's interpreter)."""
     return (x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0)
+            and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0
+            and (not x.is_cuda or _ampere_or_newer(x.device.index)))
 
 
 def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -225,8 +236,8 @@ def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     conditioning), so that x + shift is never written out. Statistics, affine and SiLU are computed
     in fp32 and rounded once; the gradients come back in their inputs' dtypes."""
     if not supports(x):
-        raise ValueError(f"group_norm_nhwc needs a 4-d channels_last fp32/bf16/fp16 tensor, got "
-                         f"{tuple(x.shape)} {x.dtype} with strides {x.stride()}")
+        raise ValueError(f"group_norm_nhwc needs a 4-d channels_last fp32/bf16/fp16 tensor (on CUDA: sm_80 or "
+                         f"newer), got {tuple(x.shape)} {x.dtype} with strides {x.stride()} on {x.device}")
     if x.shape[1] % groups:
         raise ValueError(f"groups={groups} must divide the channel count {x.shape[1]}")
     if shift is not None:
