@@ -507,7 +507,6 @@ def _load_folder(spec: DataSpec, split: str, seed: int) -> Dataset:
 # Batches.
 
 
-
 def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
     """A host tensor on `device` without holding the host back.
 

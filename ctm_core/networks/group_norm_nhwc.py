@@ -15,8 +15,9 @@ to write the output. The backward recomputes the normalised input and the SiLU f
 than storing them, so the autograd graph keeps x and two (B, G) vectors, not the norm's output.
 
 Importing this module needs Triton (bundled with PyTorch's Linux wheels); the U-Net imports it
-only on CUDA, and uses it on Ampere or newer (sm_80: Triton's bf16 conversions). With TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors,
-which is how the tests check them without a GPU.
+only on CUDA, and uses it on Ampere or newer (sm_80: Triton's bf16 conversions). With
+TRITON_INTERPRET=1 set before the import, the kernels run on CPU tensors, which is how the tests
+check them without a GPU.
 """
 from __future__ import annotations
 
@@ -31,34 +32,54 @@ _CHANNELS_PER_PROGRAM = 64  # whole groups per program, about one 128-byte line 
 
 
 @triton.jit
-def _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G: tl.constexpr):
-    """Each lane's group inside the program's block, as a (channel, group) one-hot mask."""
-    cmask = (offs_c < CPP) & (c0 + offs_c < C)
-    onehot = ((offs_c // cg)[:, None] == tl.arange(0, BLOCK_G)[None, :]) & cmask[:, None]
-    return cmask, onehot
+def _program_block(Shift, HW, C, G, cg, CPP, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """This program's sample and block of whole groups: (sample, the sample's offset, the block's channels and
+    their mask, the (channel, group) one-hot, the block's groups and their mask, the per-channel shift)."""
+    sample = tl.program_id(0)
+    block = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    channels = block * CPP + offs_c
+    cmask = (offs_c < CPP) & (channels < C)
+    offs_g = tl.arange(0, BLOCK_G)
+    onehot = ((offs_c // cg)[:, None] == offs_g[None, :]) & cmask[:, None]
+    groups = block * (CPP // cg) + offs_g
+    gmask = (offs_g < CPP // cg) & (groups < G)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(Shift + sample * C + channels, mask=cmask, other=0.0).to(tl.float32)
+    return sample, sample.to(tl.int64) * HW * C, channels, cmask, onehot, groups, gmask, shift
+
+
+@triton.jit
+def _group_sums(per_channel, onehot):
+    """Sums over each group's channels: (BLOCK_C,) -> (BLOCK_G,)."""
+    return tl.sum(tl.where(onehot, per_channel[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _per_channel(per_group, onehot):
+    """Each channel's group value: (BLOCK_G,) -> (BLOCK_C,)."""
+    return tl.sum(tl.where(onehot, per_group[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _tile(start, HW, C, base, channels, cmask, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of the rows start..start+BLOCK_HW of the block's channels."""
+    rows = start + tl.arange(0, BLOCK_HW)
+    return base + rows[:, None] * C + channels[None, :], (rows < HW)[:, None] & cmask[None, :]
 
 
 @triton.jit
 def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, eps, BLOCK_HW: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, SILU: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    sample = tl.program_id(0)
-    block = tl.program_id(1)
-    c0 = block * CPP
-    offs_c = tl.arange(0, BLOCK_C)
-    channels = c0 + offs_c
-    cmask, onehot = _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G)
-    base = sample.to(tl.int64) * HW * C
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(Shift + sample * C + channels, mask=cmask, other=0.0).to(tl.float32)
-
+    sample, base, channels, cmask, onehot, groups, gmask, shift = _program_block(
+        Shift, HW, C, G, cg, CPP, BLOCK_C, BLOCK_G, HAS_SHIFT)
     pivot = tl.load(X + base + channels, mask=cmask, other=0.0).to(tl.float32)
     s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        rows = start + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        x = tl.load(X + base + rows[:, None] * C + channels[None, :], mask=mask, other=0.0).to(tl.float32)
+        pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
+        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - pivot[None, :], 0.0)
         s1 += tl.sum(d, axis=0)
         s2 += tl.sum(d * d, axis=0)
@@ -66,16 +87,13 @@ def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, ep
     # per channel: mean and sum of squared deviations; per group: Chan et al.'s pairwise merge
     channel_mean = pivot + shift + s1 / HW
     channel_m2 = s2 - s1 * s1 / HW
-    group_mean = tl.sum(tl.where(onehot, channel_mean[:, None], 0.0), axis=0) / cg
-    mean = tl.sum(tl.where(onehot, group_mean[None, :], 0.0), axis=1)
+    group_mean = _group_sums(channel_mean, onehot) / cg
+    mean = _per_channel(group_mean, onehot)
     spread = channel_mean - mean
-    group_m2 = tl.sum(tl.where(onehot, (channel_m2 + HW * spread * spread)[:, None], 0.0), axis=0)
+    group_m2 = _group_sums(channel_m2 + HW * spread * spread, onehot)
     group_rstd = 1.0 / tl.sqrt(tl.maximum(group_m2, 0.0) / (HW * cg) + eps)
-    rstd = tl.sum(tl.where(onehot, group_rstd[None, :], 0.0), axis=1)
+    rstd = _per_channel(group_rstd, onehot)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    groups = block * (CPP // cg) + offs_g
-    gmask = (offs_g < CPP // cg) & (groups < G)
     tl.store(Mean + sample * G + groups, group_mean, mask=gmask)
     tl.store(Rstd + sample * G + groups, group_rstd, mask=gmask)
 
@@ -84,9 +102,7 @@ def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, ep
     scale = rstd * weight
     offset = bias + (shift - mean) * scale
     for start in range(0, HW, BLOCK_HW):
-        rows = start + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        pointers = base + rows[:, None] * C + channels[None, :]
+        pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
         x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
         z = x * scale[None, :] + offset[None, :]
         if SILU:
@@ -95,8 +111,10 @@ def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, ep
 
 
 @triton.jit
-def _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU: tl.constexpr):
-    """(dL/dz of the affine output z, the normalised input) for one tile."""
+def _tile_grad(X, DY, pointers, mask, mean, rstd, weight, bias, SILU: tl.constexpr):
+    """(dL/dz of the affine output z, the normalised input) for one tile, recomputed from x."""
+    x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + pointers, mask=mask, other=0.0).to(tl.float32)
     xhat = (x - mean[None, :]) * rstd[None, :]
     if SILU:
         z = xhat * weight[None, :] + bias[None, :]
@@ -109,22 +127,10 @@ def _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU: tl.constexpr):
 def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight, DBias, HW, C, G, cg, CPP,
                      BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, SILU: tl.constexpr,
                      HAS_SHIFT: tl.constexpr):
-    sample = tl.program_id(0)
-    block = tl.program_id(1)
-    c0 = block * CPP
-    offs_c = tl.arange(0, BLOCK_C)
-    channels = c0 + offs_c
-    cmask, onehot = _group_ids(offs_c, cg, CPP, C, c0, BLOCK_G)
-    base = sample.to(tl.int64) * HW * C
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(Shift + sample * C + channels, mask=cmask, other=0.0).to(tl.float32)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    groups = block * (CPP // cg) + offs_g
-    gmask = (offs_g < CPP // cg) & (groups < G)
-    mean = tl.sum(tl.where(onehot, tl.load(Mean + sample * G + groups, mask=gmask, other=0.0)[None, :], 0.0), axis=1)
-    rstd = tl.sum(tl.where(onehot, tl.load(Rstd + sample * G + groups, mask=gmask, other=0.0)[None, :], 0.0), axis=1)
+    sample, base, channels, cmask, onehot, groups, gmask, shift = _program_block(
+        Shift, HW, C, G, cg, CPP, BLOCK_C, BLOCK_G, HAS_SHIFT)
+    mean = _per_channel(tl.load(Mean + sample * G + groups, mask=gmask, other=0.0), onehot)
+    rstd = _per_channel(tl.load(Rstd + sample * G + groups, mask=gmask, other=0.0), onehot)
     mean = mean - shift  # the shift enters as x + shift - mean
     weight = tl.load(Weight + channels, mask=cmask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + channels, mask=cmask, other=0.0).to(tl.float32)
@@ -132,12 +138,8 @@ def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight
     sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        rows = start + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        pointers = base + rows[:, None] * C + channels[None, :]
-        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + pointers, mask=mask, other=0.0).to(tl.float32)
-        dz, xhat = _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU)
+        pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
+        dz, xhat = _tile_grad(X, DY, pointers, mask, mean, rstd, weight, bias, SILU)
         dz = tl.where(mask, dz, 0.0)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xhat += tl.sum(dz * xhat, axis=0)
@@ -146,18 +148,12 @@ def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight
 
     # dx = rstd (w dz - mean_group(w dz) - xhat mean_group(w dz xhat))
     count = HW * cg
-    mean_wdz = tl.sum(tl.where(onehot, (weight * sum_dz)[:, None], 0.0), axis=0) / count
-    mean_wdz_xhat = tl.sum(tl.where(onehot, (weight * sum_dz_xhat)[:, None], 0.0), axis=0) / count
-    mean_wdz = tl.sum(tl.where(onehot, mean_wdz[None, :], 0.0), axis=1)
-    mean_wdz_xhat = tl.sum(tl.where(onehot, mean_wdz_xhat[None, :], 0.0), axis=1)
+    mean_wdz = _per_channel(_group_sums(weight * sum_dz, onehot) / count, onehot)
+    mean_wdz_xhat = _per_channel(_group_sums(weight * sum_dz_xhat, onehot) / count, onehot)
     sum_dx = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
-        rows = start + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & cmask[None, :]
-        pointers = base + rows[:, None] * C + channels[None, :]
-        x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + pointers, mask=mask, other=0.0).to(tl.float32)
-        dz, xhat = _input_grad_of_norm(dy, x, mean, rstd, weight, bias, SILU)
+        pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
+        dz, xhat = _tile_grad(X, DY, pointers, mask, mean, rstd, weight, bias, SILU)
         dx = rstd[None, :] * (dz * weight[None, :] - mean_wdz[None, :] - xhat * mean_wdz_xhat[None, :])
         tl.store(DX + pointers, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_SHIFT:
