@@ -417,3 +417,18 @@ def test_fast_optimisers_take_the_plain_optimisers_step(name):
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
     fast = build_optimizer([start[0].clone().requires_grad_()], optim, fused=True)
     assert fast.defaults["foreach" if name == "radam" else "fused"] is True
+
+
+@pytest.mark.parametrize("switch, enabled", [("auto", True), ("off", False)])
+def test_triton_norms_switch_reaches_the_student_and_the_teacher(tmp_path, teacher_dir, monkeypatch, switch, enabled):
+    """train.triton_norms decides the U-Net norms' path for the student (the EMA copies inherit it) and the
+    teacher, before either runs; off CUDA the kernels are never used either way, so this checks the wiring."""
+    import ctm_core.train as trainer
+
+    seen = []
+    real = trainer.use_triton_norms
+    monkeypatch.setattr(trainer, "use_triton_norms", lambda net, on: (seen.append((net, on)), real(net, on))[1])
+    train(_tiny(tmp_path, "run", ["mode=ctm", f"teacher.checkpoint={teacher_dir}", "train.steps=1",
+                                  f"train.triton_norms={switch}"]))
+    assert len(seen) == 2 and seen[0][0] is not seen[1][0]  # the student, then the teacher
+    assert [on for _, on in seen] == [enabled, enabled]
