@@ -116,9 +116,12 @@ def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
     if loop.triton_norms == "on" and not HAS_TRITON:
         raise ValueError("train.triton_norms=on needs the triton package (PyTorch's Linux wheels bring it)")
-    if loop.triton_norms == "on" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        raise ValueError(f"train.triton_norms=on needs an Ampere or newer GPU (sm_80); "
-                         f"{torch.cuda.get_device_name(device)} keeps PyTorch's GroupNorm (auto does that by itself)")
+    if loop.triton_norms == "on" and device.type == "cuda":
+        from .networks.group_norm_nhwc import ampere_or_newer  # Triton is there: checked above
+
+        if not ampere_or_newer(device.index):  # the trainer's CUDA device always names its index
+            raise ValueError(f"train.triton_norms=on needs an Ampere or newer GPU (sm_80); "
+                             f"{torch.cuda.get_device_name(device)} keeps PyTorch's GroupNorm (auto does that itself)")
 
 
 def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:

@@ -211,8 +211,9 @@ class _GroupNormNHWC(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=None)
-def _ampere_or_newer(device_index: int) -> bool:
-    """Triton's bf16 conversions need sm_80; older GPUs (V100) keep PyTorch's kernels."""
+def ampere_or_newer(device_index: int) -> bool:
+    """Whether the kernels run on this GPU: Triton's bf16 conversions need sm_80; older GPUs (V100) keep
+    PyTorch's kernels."""
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
@@ -221,7 +222,7 @@ def supports(x: torch.Tensor) -> bool:
     Ampere or newer GPU (or on the CPU, under Triton's interpreter)."""
     return (x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0
-            and (not x.is_cuda or _ampere_or_newer(x.device.index)))
+            and (not x.is_cuda or ampere_or_newer(x.device.index)))
 
 
 def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
