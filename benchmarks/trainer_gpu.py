@@ -22,14 +22,16 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
     defaults   the trainer's GPU defaults: channels_last everywhere, cuDNN autotuning, fused Adam,
                torch.compile of the teacher's backbone, its denoiser replayed as a CUDA graph,
                torch.compile of the frozen feature networks (LPIPS VGG16, discriminator backbones),
-               the target branch's no-grad jumps (student, EMA target) replayed as CUDA graphs
+               the target branch's no-grad jumps (student, EMA target) replayed as CUDA graphs,
+               the frozen feature networks' activations recomputed in the backward, not kept
     eager-features  defaults with train.compile_features=off
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off,
-               train.target_graphs=off, train.triton_norms=off
+               train.target_graphs=off, train.triton_norms=off, train.recompute_features=off
     compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
     no-target-graphs  defaults with train.target_graphs=off (the target branch's two jumps eager)
     no-triton-norms   defaults with train.triton_norms=off (the U-Nets' GroupNorm through PyTorch)
+    keep-features     defaults with train.recompute_features=off (the feature networks' activations kept)
 """
 from __future__ import annotations
 
@@ -61,11 +63,12 @@ VARIANTS = {
     "defaults": [],
     "eager-features": ["train.compile_features=off"],
     "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off",
-              "train.target_graphs=off", "train.triton_norms=off"],
+              "train.target_graphs=off", "train.triton_norms=off", "train.recompute_features=off"],
     "compiled": ["train.compile=true"],
     "nchw": ["train.channels_last=off"],
     "no-target-graphs": ["train.target_graphs=off"],
     "no-triton-norms": ["train.triton_norms=off"],
+    "keep-features": ["train.recompute_features=off"],
 }
 
 

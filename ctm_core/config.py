@@ -180,6 +180,9 @@ class TrainLoopConfig:
     triton_norms: Switch = "auto"      # the U-Nets' GroupNorm(+SiLU) as Triton kernels on channels_last; auto: CUDA
     # torch.compile of the frozen feature networks: LPIPS's VGG16 and the projected discriminator's backbones
     compile_features: Switch = "auto"
+    # those networks recompute their activations in the backward instead of keeping them (ctm_core.recompute);
+    # auto: on for CUDA, where they decide whether the paper's batch fits on one GPU
+    recompute_features: Switch = "auto"
 
 
 @dataclass(config=_STRICT)

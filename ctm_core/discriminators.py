@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ctm_core.pretrained import require_file, require_weights
+from ctm_core.recompute import forward_recomputed_in_backward
 
 PAPER_FEATURE_NETS = ("tf_efficientnet_lite0", "deit_base_distilled_patch16_224")
 DIFFAUG_POLICY = ("color", "translation", "cutout")
@@ -366,6 +367,9 @@ class ProjectedDiscriminator(nn.Module):
     (`trainable_parameters()`); the mixing weights are fixed buffers and the feature networks
     are frozen. DiffAugment draws its parameters per sample (so real and fake get independent
     draws, also when stacked in one call) and is shared by all feature networks.
+
+    `recompute_features` (set by the trainer, train.recompute_features): keep none of the feature
+    networks' activations for the generator's backward and run them again there (ctm_core.recompute).
     """
 
     def __init__(
@@ -398,6 +402,7 @@ class ProjectedDiscriminator(nn.Module):
                 self.heads.append(PatchHead(ch, res, head_width, head_max_width, num_classes=num_classes))
         self.num_classes = num_classes
         self.diffaug = DiffAugment(diffaug_policy, translation_ratio, cutout_ratio)
+        self.recompute_features = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -432,7 +437,8 @@ class ProjectedDiscriminator(nn.Module):
             x = self.diffaug(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return [feat for net, mixer in zip(self.feature_nets, self.mixers) for feat in mixer(net(x))]
+        run = forward_recomputed_in_backward if self.recompute_features else (lambda net, x: net(x))
+        return [feat for net, mixer in zip(self.feature_nets, self.mixers) for feat in mixer(run(net, x))]
 
     def _heads(self, features: Sequence[torch.Tensor], class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         return [head(feat, class_labels) for head, feat in zip(self.heads, features, strict=True)]

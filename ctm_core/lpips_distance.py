@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctm_core.pretrained import require_file, require_weights
+from ctm_core.recompute import forward_recomputed_in_backward
 
 LPIPS_BACKBONE_ENTRY = "vgg16_lpips"
 _LPIPS_SLICES = ("slice1", "slice2", "slice3", "slice4", "slice5")
@@ -79,6 +80,9 @@ class LPIPSDistance(nn.Module):
 
     The backbone comes from `backbone_path` if given, else from the cache entry
     'vgg16_lpips' (cache_dir > $CTM_LAB_CACHE > ~/.cache/ctm-lab).
+
+    `recompute_features` (set by the trainer, train.recompute_features): keep none of the VGG's
+    activations for the backward and run it again there (ctm_core.recompute).
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class LPIPSDistance(nn.Module):
         _average_pooling(self.lpips.net)
         self.requires_grad_(False)
         self.resize_to = resize_to
+        self.recompute_features = False
         self.eval()
 
     def train(self, mode: bool = True):
@@ -121,5 +126,9 @@ class LPIPSDistance(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        d = self.lpips(self._prepare(x, "x"), self._prepare(y, "y"), normalize=False)
+        pair = self._prepare(x, "x"), self._prepare(y, "y")
+        if self.recompute_features:
+            d = forward_recomputed_in_backward(self.lpips, *pair, normalize=False)
+        else:
+            d = self.lpips(*pair, normalize=False)
         return d.reshape(x.shape[0])

@@ -124,9 +124,14 @@ def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
                              f"{torch.cuda.get_device_name(device)} keeps PyTorch's GroupNorm (auto does that itself)")
 
 
-def _compile_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
-    """On CUDA: compile the frozen feature networks the step back-propagates through to its images
-    (LPIPS's VGG16, the projected discriminator's backbones); the trainable heads stay eager."""
+def _prepare_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
+    """The frozen feature networks the step back-propagates through to its images (LPIPS's VGG16, the
+    projected discriminator's backbones): on CUDA (auto) they recompute their activations in the
+    backward instead of keeping them, and they are compiled; the trainable heads stay eager."""
+    recompute = loop.recompute_features == "on" or (loop.recompute_features == "auto" and device.type == "cuda")
+    for module in (lpips, discriminator):
+        if hasattr(module, "recompute_features"):  # LPIPS, the projected discriminator
+            module.recompute_features = recompute
     if device.type != "cuda" or loop.compile_features == "off":
         return
     if lpips is not None:
@@ -290,7 +295,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         for module in (lpips, discriminator):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-    _compile_frozen_features(lpips, discriminator, config.train, env.device)
+    _prepare_frozen_features(lpips, discriminator, config.train, env.device)
     distance = make_distance(config.ctm.distance, lpips)
     stream = BatchStream(len(meta_set), config.data.batch_size, config.seed, env.rank, env.world_size,
                          config.data.hflip)

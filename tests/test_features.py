@@ -271,6 +271,51 @@ def test_only_heads_are_trained_and_gradients_reach_the_input(tiny_disc):
         assert all(p.grad is None for p in net.model.parameters())
 
 
+def _saved_bytes_and_input_grad(fn, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Bytes of the tensors autograd keeps for fn(x)'s backward (each storage once), and d sum(fn(x)) / dx."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = fn(x)
+    grad, = torch.autograd.grad(sum(o.sum() for o in out) if isinstance(out, list) else out.sum(), x)
+    return sum(storages.values()), grad
+
+
+def test_recomputed_feature_networks_keep_almost_nothing_and_give_the_same_gradients(lpips32, tiny_disc):
+    """train.recompute_features: the frozen networks run again in the backward instead of keeping their
+    activations; the image gradient the generator gets is unchanged. Without a gradient to give, nothing
+    is recomputed (the discriminator's own step)."""
+    lpips, disc = copy.deepcopy(lpips32), copy.deepcopy(tiny_disc).eval()  # eval: spectral norms stay put
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    cases = {"lpips": (lpips, lambda image: lpips(image, y)),
+             "discriminator": (disc, lambda image: disc(image, augment=False))}
+    # what the frozen networks alone keep: the VGG inside LPIPS, the feature nets inside the discriminator
+    frozen_only = {"lpips": _saved_bytes_and_input_grad(lambda image: lpips.lpips(image, y), x)[0],
+                   "discriminator": sum(_saved_bytes_and_input_grad(net, x)[0] for net in disc.feature_nets)}
+    for name, (module, fn) in cases.items():
+        assert module.recompute_features is False  # the trainer decides (train.recompute_features)
+        kept, grad = _saved_bytes_and_input_grad(fn, x)
+        module.recompute_features = True
+        recomputed, grad_recomputed = _saved_bytes_and_input_grad(fn, x)
+        torch.testing.assert_close(grad_recomputed, grad, rtol=1e-6, atol=1e-9, msg=name)
+        assert kept - recomputed > 0.9 * frozen_only[name], (name, recomputed, kept, frozen_only[name])
+    calls = []
+    net = disc.feature_nets[0]
+    handle = net.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        disc.real_and_fake_logits(x, y)  # no input needs a gradient: one plain forward
+        assert len(calls) == 1
+        sum(logit.sum() for logit in disc(x.clone().requires_grad_(), augment=False)).backward()
+        assert len(calls) == 3  # the forward, then again in the backward
+    finally:
+        handle.remove()
+
+
 def test_state_dict_keeps_heads_and_projections_not_backbones(tiny_disc, tiny_weight_files):
     state = tiny_disc.state_dict()
     assert not any(k.startswith("feature_nets.") for k in state)

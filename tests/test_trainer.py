@@ -347,10 +347,26 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
     assert again.step == 10 and again.metrics["eval/sw2/teacher_nfe11"] == first.metrics["eval/sw2/teacher_nfe11"]
 
 
+@pytest.mark.parametrize("switch, expected", [("auto", False), ("on", True), ("off", False)])
+def test_recompute_features_switch_reaches_lpips_and_the_discriminator(tmp_path, switch, expected):
+    """train.recompute_features is set on the modules that own frozen feature networks (the
+    trainer's own preparation step); auto leaves it off on the CPU, on works on any device."""
+    from types import SimpleNamespace
+
+    from ctm_core.discriminators import VectorDiscriminator
+    from ctm_core.train import _prepare_frozen_features
+
+    config = _tiny(tmp_path, "x", [f"train.recompute_features={switch}"])
+    lpips, projected = SimpleNamespace(recompute_features=None), SimpleNamespace(recompute_features=None)
+    _prepare_frozen_features(lpips, projected, config.train, torch.device("cpu"))
+    assert lpips.recompute_features is expected and projected.recompute_features is expected
+    _prepare_frozen_features(None, VectorDiscriminator(2), config.train, torch.device("cpu"))  # none to set: fine
+
+
 def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp_path, teacher_dir):
     from ctm_core.teacher_graph import GraphedJumps, GraphedTeacher
     from ctm_core.discriminators import VectorDiscriminator
-    from ctm_core.train import _accelerate_teacher, _compile_frozen_features, _load_teacher
+    from ctm_core.train import _accelerate_teacher, _prepare_frozen_features, _load_teacher
 
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
@@ -363,7 +379,7 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
                 train(forced)
             assert not (tmp_path / f"forced-{mode}").exists()
     disc = VectorDiscriminator(2)
-    _compile_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
+    _prepare_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
     assert disc._compiled_call_impl is None
     graphed, jumps = GraphedTeacher(teacher), GraphedJumps(teacher)  # off CUDA they are the model itself
     x, t = torch.randn(5, 2), torch.full((5,), 3.0)
