@@ -146,9 +146,10 @@ class FrozenFeatureNet(nn.Module):
 
     Input: images in [-1, 1]. They are resized to the network's input size, mapped to its
     own normalisation, and the outputs of `indices` (timm `forward_intermediates` taps) are
-    returned as NCHW maps. Networks whose taps all share one resolution (ViTs) are turned
-    into a pyramid by resampling tap i by the factor 2^(n-2-i) (for four taps: x4, x2, x1,
-    x0.5), as in projected GANs built on ViT features.
+    returned as NCHW maps (`channels` of them). Networks whose taps all share one resolution
+    (ViTs) are turned into a pyramid by `to_pyramid`, which resamples map i by the factor
+    2^(n-2-i) (for four taps: x4, x2, x1, x0.5), as in projected GANs built on ViT features;
+    `resolutions` are the pyramid's.
 
     The network's weights come from a file, so they are neither trained nor checkpointed:
     the model is held outside the module tree (no parameters, no state_dict entries, always
@@ -180,10 +181,9 @@ class FrozenFeatureNet(nn.Module):
         with torch.no_grad():
             raw = self._taps(torch.zeros(1, 3, self.input_size, self.input_size))
         self.make_pyramid = len(raw) > 1 and len({tuple(r.shape[-2:]) for r in raw}) == 1
+        self.channels = [int(f.shape[1]) for f in raw]
         with torch.no_grad():
-            probe = self._to_pyramid(raw)
-        self.channels = [int(f.shape[1]) for f in probe]
-        self.resolutions = [int(f.shape[-1]) for f in probe]
+            self.resolutions = [int(f.shape[-1]) for f in self.to_pyramid(raw)]
 
     @property
     def model(self) -> nn.Module:
@@ -202,12 +202,13 @@ class FrozenFeatureNet(nn.Module):
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self._model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
 
-    def _to_pyramid(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
+    def to_pyramid(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The taps' maps (or any per-channel linear map of them) at the pyramid's resolutions."""
         if not self.make_pyramid:
-            return list(taps)
-        n = len(taps)
+            return list(maps)
+        n = len(maps)
         out = []
-        for i, t in enumerate(taps):
+        for i, t in enumerate(maps):
             exponent = n - 2 - i  # n=4: 2, 1, 0, -1
             if exponent > 0:
                 t = F.interpolate(t, scale_factor=2**exponent, mode="bilinear", align_corners=False)
@@ -221,7 +222,7 @@ class FrozenFeatureNet(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = ((x + 1) * 0.5 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return self._to_pyramid(self._taps(x))
+        return self._taps(x)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, indices={self.indices}, input_size={self.input_size}, channels={self.channels}"
@@ -283,7 +284,9 @@ class RandomMixing(nn.Module):
 
     Cross-scale: starting from the coarsest scale, each coarser result is projected to the
     finer scale's width, upsampled and added, so fine maps also carry coarse context. The
-    weights are buffers drawn from `seed`: never trained, but saved with checkpoints.
+    weights are buffers drawn from `seed`: never trained, but saved with checkpoints. The
+    discriminator puts a feature net's pyramid resampling between the two (mix_channels,
+    FrozenFeatureNet.to_pyramid, mix_scales).
     """
 
     def __init__(self, in_channels: Sequence[int], base_channels: int = 64, expand: bool = True, seed: int = 0):
@@ -298,8 +301,10 @@ class RandomMixing(nn.Module):
         for i in range(n - 1):
             self.register_buffer(f"scale_mix{i}", _random_conv_weight(self.out_channels[i], self.out_channels[i + 1], 1, gen))
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        mixed = [F.conv2d(f, getattr(self, f"channel_mix{i}").to(f.dtype)) for i, f in enumerate(feats)]
+    def mix_channels(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [F.conv2d(f, getattr(self, f"channel_mix{i}").to(f.dtype)) for i, f in enumerate(feats)]
+
+    def mix_scales(self, mixed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = [None] * len(mixed)
         out[-1] = mixed[-1]
         for i in range(len(mixed) - 2, -1, -1):
@@ -438,7 +443,12 @@ class ProjectedDiscriminator(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         run = forward_recomputed_in_backward if self.recompute_features else (lambda net, x: net(x))
-        return [feat for net, mixer in zip(self.feature_nets, self.mixers) for feat in mixer(run(net, x))]
+        features = []
+        for net, mixer in zip(self.feature_nets, self.mixers):
+            # Resampling is linear per channel and the channel mixing per pixel, so the two commute: mixed
+            # first, a ViT's pyramid upsamples the mixer's 64-128 channels instead of its own 768.
+            features += mixer.mix_scales(net.to_pyramid(mixer.mix_channels(run(net, x))))
+        return features
 
     def _heads(self, features: Sequence[torch.Tensor], class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         return [head(feat, class_labels) for head, feat in zip(self.heads, features, strict=True)]

@@ -271,6 +271,21 @@ def test_only_heads_are_trained_and_gradients_reach_the_input(tiny_disc):
         assert all(p.grad is None for p in net.model.parameters())
 
 
+def test_the_channel_mixing_commutes_with_a_vits_pyramid(tiny_disc):
+    """The discriminator mixes a ViT's channels before upsampling them to the pyramid, the reverse of the
+    projected-GAN order: the same function (both maps are linear, on different axes), with less traffic."""
+    disc = copy.deepcopy(tiny_disc).double()
+    vit, mixer = disc.feature_nets[1], disc.mixers[1]
+    assert vit.make_pyramid
+    with torch.no_grad():
+        taps = vit(torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
+        upsampled_first = mixer.mix_channels(vit.to_pyramid(taps))
+        mixed_first = vit.to_pyramid(mixer.mix_channels(taps))
+    assert [m.shape[-1] for m in mixed_first] == vit.resolutions == [16, 8, 4, 2]
+    for a, b in zip(upsampled_first, mixed_first, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12 * a.abs().max())
+
+
 def _saved_bytes_and_input_grad(fn, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Bytes of the tensors autograd keeps for fn(x)'s backward (each storage once), and d sum(fn(x)) / dx."""
     storages = {}
