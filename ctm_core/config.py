@@ -183,6 +183,7 @@ class TrainLoopConfig:
     # those networks recompute their activations in the backward instead of keeping them (ctm_core.recompute);
     # auto: on for CUDA, where they decide whether the paper's batch fits on one GPU
     recompute_features: Switch = "auto"
+    compile_heads: Switch = "auto"     # torch.compile of the projected discriminator's trainable heads; auto: CUDA
 
 
 @dataclass(config=_STRICT)

@@ -450,6 +450,13 @@ class ProjectedDiscriminator(nn.Module):
             features += mixer.mix_scales(net.to_pyramid(mixer.mix_channels(run(net, x))))
         return features
 
+    def compile_heads(self, **compile_options) -> None:
+        """torch.compile the trainable heads: on a GPU their many small kernels (the spectral norms' power
+        iterations) otherwise leave it waiting for the host. All heads as one compiled function, not one
+        per head: they share PatchHead.forward's code, and its eight shapes (times grad modes) would pass
+        torch.compile's recompile limit and fall back to eager. `compile_options` go to torch.compile."""
+        self._heads = torch.compile(self._heads, **compile_options)
+
     def _heads(self, features: Sequence[torch.Tensor], class_labels: torch.Tensor | None = None) -> list[torch.Tensor]:
         return [head(feat, class_labels) for head, feat in zip(self.heads, features, strict=True)]
 

@@ -111,7 +111,8 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
 
 def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
     """GPU-only accelerations forced 'on' without CUDA: refused before any data or network loads."""
-    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "triton_norms"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "compile_heads",
+                 "triton_norms"):
         if getattr(loop, flag) == "on" and device.type != "cuda":
             raise ValueError(f"train.{flag}=on needs a CUDA device (auto turns it on where there is one)")
     if loop.triton_norms == "on" and not HAS_TRITON:
@@ -124,20 +125,25 @@ def _refuse_cuda_only(loop: TrainLoopConfig, device: torch.device) -> None:
                              f"{torch.cuda.get_device_name(device)} keeps PyTorch's GroupNorm (auto does that itself)")
 
 
-def _prepare_frozen_features(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
-    """The frozen feature networks the step back-propagates through to its images (LPIPS's VGG16, the
-    projected discriminator's backbones): on CUDA (auto) they recompute their activations in the
-    backward instead of keeping them, and they are compiled; the trainable heads stay eager."""
+def _prepare_loss_networks(lpips, discriminator, loop: TrainLoopConfig, device: torch.device) -> None:
+    """The networks the step back-propagates through to its images (LPIPS, the projected
+    discriminator). Their frozen feature networks (LPIPS's VGG16, the discriminator's backbones)
+    recompute their activations in the backward instead of keeping them (auto: on CUDA) and are
+    compiled on CUDA; so are the discriminator's heads, whose many small kernels (spectral norms)
+    otherwise leave the GPU waiting for the host."""
     recompute = loop.recompute_features == "on" or (loop.recompute_features == "auto" and device.type == "cuda")
     for module in (lpips, discriminator):
         if hasattr(module, "recompute_features"):  # LPIPS, the projected discriminator
             module.recompute_features = recompute
-    if device.type != "cuda" or loop.compile_features == "off":
+    if device.type != "cuda":
         return
-    if lpips is not None:
-        lpips.lpips.compile()
-    for net in getattr(discriminator, "feature_nets", ()):
-        net.compile()
+    if loop.compile_features != "off":
+        if lpips is not None:
+            lpips.lpips.compile()
+        for net in getattr(discriminator, "feature_nets", ()):
+            net.compile()
+    if loop.compile_heads != "off" and hasattr(discriminator, "compile_heads"):  # the projected discriminator
+        discriminator.compile_heads()
 
 
 def _use_bf16(config: TrainConfig, env: DistEnv) -> bool:
@@ -295,7 +301,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         for module in (lpips, discriminator):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-    _prepare_frozen_features(lpips, discriminator, config.train, env.device)
+    _prepare_loss_networks(lpips, discriminator, config.train, env.device)
     distance = make_distance(config.ctm.distance, lpips)
     stream = BatchStream(len(meta_set), config.data.batch_size, config.seed, env.rank, env.world_size,
                          config.data.hflip)

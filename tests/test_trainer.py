@@ -354,24 +354,25 @@ def test_recompute_features_switch_reaches_lpips_and_the_discriminator(tmp_path,
     from types import SimpleNamespace
 
     from ctm_core.discriminators import VectorDiscriminator
-    from ctm_core.train import _prepare_frozen_features
+    from ctm_core.train import _prepare_loss_networks
 
     config = _tiny(tmp_path, "x", [f"train.recompute_features={switch}"])
     lpips, projected = SimpleNamespace(recompute_features=None), SimpleNamespace(recompute_features=None)
-    _prepare_frozen_features(lpips, projected, config.train, torch.device("cpu"))
+    _prepare_loss_networks(lpips, projected, config.train, torch.device("cpu"))
     assert lpips.recompute_features is expected and projected.recompute_features is expected
-    _prepare_frozen_features(None, VectorDiscriminator(2), config.train, torch.device("cpu"))  # none to set: fine
+    _prepare_loss_networks(None, VectorDiscriminator(2), config.train, torch.device("cpu"))  # none to set: fine
 
 
 def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp_path, teacher_dir):
     from ctm_core.teacher_graph import GraphedJumps, GraphedTeacher
     from ctm_core.discriminators import VectorDiscriminator
-    from ctm_core.train import _accelerate_teacher, _prepare_frozen_features, _load_teacher
+    from ctm_core.train import _accelerate_teacher, _prepare_loss_networks, _load_teacher
 
     config = _tiny(tmp_path, "x", ["mode=ctm", f"teacher.checkpoint={teacher_dir}"])
     teacher, _ = _load_teacher(config, torch.device("cpu"))
     assert _accelerate_teacher(teacher, config.train, torch.device("cpu")) is teacher  # auto: nothing on CPU
-    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "triton_norms"):
+    for flag in ("compile_teacher", "teacher_graphs", "target_graphs", "compile_features", "compile_heads",
+                 "triton_norms"):
         for mode in ("edm", "ctm"):  # refused in every mode, with or without a teacher, before anything runs
             forced = _tiny(tmp_path, f"forced-{mode}", [f"mode={mode}", f"teacher.checkpoint={teacher_dir}",
                                                         f"train.{flag}=on"])
@@ -379,7 +380,7 @@ def test_gpu_only_accelerations_refuse_cpu_and_leave_the_teacher_alone_there(tmp
                 train(forced)
             assert not (tmp_path / f"forced-{mode}").exists()
     disc = VectorDiscriminator(2)
-    _prepare_frozen_features(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
+    _prepare_loss_networks(None, disc, config.train, torch.device("cpu"))  # auto: nothing compiled on CPU
     assert disc._compiled_call_impl is None
     graphed, jumps = GraphedTeacher(teacher), GraphedJumps(teacher)  # off CUDA they are the model itself
     x, t = torch.randn(5, 2), torch.full((5,), 3.0)
