@@ -15,7 +15,7 @@ import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -385,6 +385,11 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         return scores
 
     step = start_step
+    compile_scope = ExitStack()
+    if config.train.compile:
+        # The adaptive weights' last-layer gradients keep the student's graph (retain_graph), so its compiled
+        # backward runs more than once per step; graphs that donate their buffers refuse that (torch 2.11, H100).
+        compile_scope.enter_context(torch._functorch.config.patch(donated_buffer=False))
     try:
         while step < config.train.steps:
             weights = _step_weights(config, step)
@@ -473,6 +478,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
                         cb.on_checkpoint(step, last_ckpt)
                 barrier(env)
     finally:
+        compile_scope.close()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
