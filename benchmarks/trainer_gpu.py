@@ -12,9 +12,10 @@ draws, microbatches, EMA, discriminator, logging, checkpoints) so the number is 
 Nothing is downloaded and no dataset is needed: data of CIFAR-10's shape (a fixed random .npy),
 a teacher from a 1-step `edm` run whose (near-)zero layers are re-drawn at random, random-weight LPIPS VGG16 and discriminator feature networks in
 a temporary weight cache, and a stand-in TorchScript detector for the (tiny) end-of-run evaluation.
-Speed does not depend on the weights. The trainer logs every step; s/step is the median of its
+Speed does not depend on the weights. The trainer logs every step; s/step is the mean of its
 own 1/train/it_per_s over the steps after --warmup (compilation, cuDNN autotuning and graph
-capture happen in the first steps). Correctness: every variant starts from the same weights and
+capture happen in the first steps). MFU divides those steps' FLOPs, each with its own solver step
+count k, by their time; "at E[k]" rescales to a step of average k (StepFlops). Correctness: every variant starts from the same weights and
 draws the same noise and times, so their step-1 losses differ by numerics only (bf16 runs then
 drift apart over the steps, as two bf16 runs of the same variant would).
 
@@ -26,19 +27,20 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
                the frozen feature networks' activations recomputed in the backward, not kept
     eager-features  defaults with train.compile_features=off
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off,
-               train.target_graphs=off, train.triton_norms=off, train.recompute_features=off
+               train.target_graphs=off, train.triton_norms=off, train.recompute_features=off,
+               train.compile_heads=off
     compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
     no-target-graphs  defaults with train.target_graphs=off (the target branch's two jumps eager)
     no-triton-norms   defaults with train.triton_norms=off (the U-Nets' GroupNorm through PyTorch)
     keep-features     defaults with train.recompute_features=off (the feature networks' activations kept)
+    eager-heads       defaults with train.compile_heads=off (the discriminator's heads eager)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -63,12 +65,14 @@ VARIANTS = {
     "defaults": [],
     "eager-features": ["train.compile_features=off"],
     "plain": ["train.compile_teacher=off", "train.teacher_graphs=off", "train.compile_features=off",
-              "train.target_graphs=off", "train.triton_norms=off", "train.recompute_features=off"],
+              "train.target_graphs=off", "train.triton_norms=off", "train.recompute_features=off",
+              "train.compile_heads=off"],
     "compiled": ["train.compile=true"],
     "nchw": ["train.channels_last=off"],
     "no-target-graphs": ["train.target_graphs=off"],
     "no-triton-norms": ["train.triton_norms=off"],
     "keep-features": ["train.recompute_features=off"],
+    "eager-heads": ["train.compile_heads=off"],
 }
 
 
@@ -122,15 +126,48 @@ def variant_config(name: str, out: Path, teacher: Path, common: list[str], steps
 
 
 def step_timings(out: Path, warmup: int, until: int | None = None) -> tuple[list[dict], dict]:
-    """(the run's log records, {s_per_step: median over the records of steps warmup+1..until of their mean
-    s/step, warmup_s: the first `warmup` steps' seconds}). Each record covers the steps since the last."""
+    """(the run's log records, {s_per_step: mean over steps warmup+1..until, timed: their [first step, last
+    step, seconds] per log record, warmup_s: the first `warmup` steps' seconds}). Each record covers the
+    steps since the last. The mean, not the median: a step's cost depends on its solver step count k, and
+    MFU divides the FLOPs of exactly the timed steps by their time (step_flops)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "train/it_per_s" in r]
-    spans = [(r["step"], (r["step"] - before) / r["train/it_per_s"], r["step"] - before)
+    spans = [(before + 1, r["step"], (r["step"] - before) / r["train/it_per_s"])
              for r, before in zip(logged, [0] + [r["step"] for r in logged])]
-    timed = [seconds / count for step, seconds, count in spans if step > warmup and (until is None or step <= until)]
-    return logged, {"s_per_step": statistics.median(timed) if timed else float("nan"),
-                    "warmup_s": sum(seconds for step, seconds, _ in spans if step <= warmup)}
+    timed = [span for span in spans if span[0] > warmup and (until is None or span[1] <= until)]
+    count = sum(last - first + 1 for first, last, _ in timed)
+    return logged, {"s_per_step": sum(seconds for *_, seconds in timed) / count if count else float("nan"),
+                    "timed": timed, "warmup_s": sum(seconds for first, _, seconds in spans if first <= warmup)}
+
+
+class StepFlops:
+    """FLOPs of each of a run's steps. A step's cost depends on the teacher's solver step count k,
+    which the trainer draws per step (P(k) ~ k^power on 1..K): each Heun step is two teacher calls
+    per image, and k's spread moves the step's FLOPs by -53% to +26% around E[k] at batch 256, so a
+    handful of timed steps can sit well above or below it. `at_expected_k` is train_step.py's count at E[k]."""
+
+    def __init__(self, config, at_expected_k: float):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from ctm_core.train import _draw, _load_teacher
+
+        teacher, meta = _load_teacher(config, torch.device("cpu"))
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            teacher.denoiser(torch.zeros(1, *meta["data_shape"]), torch.ones(1))
+        self.per_solver_step = 2 * counter.get_total_flops() * config.data.batch_size
+        k_max = min(config.ctm.max_steps, config.ctm.num_points - 1)
+        weights = [k ** config.ctm.step_weight_power for k in range(1, k_max + 1)]
+        self.expected_k = sum(k * w for k, w in enumerate(weights, 1)) / sum(weights)
+        self.at_expected_k = at_expected_k
+        self._draw = lambda step: _draw(config, step, meta["data_shape"], torch.device("cpu"))["times"].steps
+
+    def solver_steps(self, step: int) -> int:
+        """k of the trainer's step `step` (1-based), from its own seeded draw replayed on the host."""
+        return self._draw(step - 1)
+
+    def of_steps(self, first: int, last: int) -> float:
+        return sum(self.at_expected_k + self.per_solver_step * (self.solver_steps(i) - self.expected_k)
+                   for i in range(first, last + 1))
 
 
 class ProfilerStepper(Callback):
@@ -290,15 +327,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--ddp", default="", help="GPU counts to run each variant on under torchrun, e.g. 1,2")
     parser.add_argument("--flops-per-step", type=float, default=0.0,
-                        help="FLOPs of one step at the batch (train_step.py counts them: 1.097e14 at E[k], batch 64); "
-                             "with it the bf16 matmul ceiling is measured here and the table gives MFU")
+                        help="FLOPs of one step at the batch and at E[k] (train_step.py counts them: 1.097e14 at "
+                             "batch 64); with it the bf16 matmul ceiling is measured here and the table gives MFU "
+                             "over the timed steps, each step's FLOPs moved by its own solver step count k")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="profile each variant's last N steps (torch.profiler; left out of s/step); the summary "
                              "and a Chrome trace go next to --out")
     parser.add_argument("--log-every", type=int, default=1,
                         help="train.log_every: each log reads the step's sums back, so the host waits for the GPU "
                              "once per log (the shipped configs log every 100 steps); --steps and --warmup must be "
-                             "multiples of it, and s/step is the median over the logs after --warmup")
+                             "multiples of it")
     parser.add_argument("--sync-debug", type=int, default=0, metavar="N",
                         help="after --warmup, list for N steps where the host waited for the GPU "
                              "(torch.cuda.set_sync_debug_mode), with the ctm_core lines that asked for it")
@@ -351,7 +389,7 @@ def main(argv=None) -> int:
         results["flops_per_step"] = args.flops_per_step
     if worlds:
         results["ddp"] = []
-        print(f"| variant | GPUs | global batch | s/step (median after {args.warmup}) | img/s | scaling efficiency |")
+        print(f"| variant | GPUs | global batch | s/step (mean after {args.warmup}) | img/s | scaling efficiency |")
         print("|---|---|---|---|---|---|")
         for name in names:
             for world in worlds:
@@ -370,18 +408,34 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         base = results["variants"][0]
         ceiling = results.get("bf16_ceiling", {}).get("tflops")
-        print(f"| variant | s/step (median after {args.warmup}) | first {args.warmup} steps, s | img/s | peak GiB | "
-              f"MFU{f' (ceiling {ceiling:.0f} TFLOP/s)' if ceiling else ''} | "
+        if ceiling:
+            step_flops = StepFlops(variant_config(base["variant"], work / "flops", teacher, common, args.steps),
+                                   args.flops_per_step)
+            results["expected_solver_steps"] = step_flops.expected_k
+            results["flops_per_solver_step"] = step_flops.per_solver_step
+        print(f"| variant | s/step (mean after {args.warmup}) | mean k | s/step at E[k] | first {args.warmup} steps, s | "
+              f"img/s at E[k] | peak GiB | MFU{f' (ceiling {ceiling:.0f} TFLOP/s)' if ceiling else ''} | "
               f"step-1 loss_ctm / loss_dsm / loss_gan rel. diff vs {base['variant']} |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in results["variants"]:
             keys = ("loss_ctm", "loss_dsm", "loss_gan_g")
             diffs = [abs(r[k][0] - base[k][0]) / abs(base[k][0]) for k in keys]
             r["step1_rel_diff"] = dict(zip(keys, diffs))
-            r["mfu"] = args.flops_per_step / r["s_per_step"] / (ceiling * 1e12) if ceiling else None
+            r["mfu"] = None
+            if ceiling:  # the FLOPs of exactly the timed steps over their time
+                timed_s = sum(seconds for *_, seconds in r["timed"])
+                flops = sum(step_flops.of_steps(first, last) for first, last, _ in r["timed"])
+                ks = [step_flops.solver_steps(i) for first, last, _ in r["timed"] for i in range(first, last + 1)]
+                r["mean_solver_steps"] = sum(ks) / len(ks)
+                r["mfu"] = flops / timed_s / (ceiling * 1e12)
+                # the time a step at E[k] takes at this efficiency: comparable across windows of steps
+                r["s_per_step_at_expected_k"] = args.flops_per_step / (r["mfu"] * ceiling * 1e12)
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-            print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r['warmup_s']:.1f} | {args.batch / r['s_per_step']:.1f} "
-                  f"| {r['peak_mem_gib']:.1f} | {mfu} | {' / '.join(f'{d:.1e}' for d in diffs)} |")
+            at_ek = r.get("s_per_step_at_expected_k")
+            print(f"| {r['variant']} | {r['s_per_step']:.3f} | {r.get('mean_solver_steps', float('nan')):.2f} | "
+                  f"{at_ek if at_ek else float('nan'):.3f} | {r['warmup_s']:.1f} | "
+                  f"{args.batch / (at_ek or r['s_per_step']):.1f} | {r['peak_mem_gib']:.1f} | {mfu} | "
+                  f"{' / '.join(f'{d:.1e}' for d in diffs)} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
