@@ -159,15 +159,16 @@ class StepFlops:
         weights = [k ** config.ctm.step_weight_power for k in range(1, k_max + 1)]
         self.expected_k = sum(k * w for k, w in enumerate(weights, 1)) / sum(weights)
         self.at_expected_k = at_expected_k
-        self._draw = lambda step: _draw(config, step, meta["data_shape"], torch.device("cpu"))["times"].steps
+        # k of the run's steps 1..train.steps: the trainer's own seeded draws, replayed once on the host
+        self._solver_steps = [_draw(config, i, meta["data_shape"], torch.device("cpu"))["times"].steps
+                              for i in range(config.train.steps)]
 
     def solver_steps(self, step: int) -> int:
-        """k of the trainer's step `step` (1-based), from its own seeded draw replayed on the host."""
-        return self._draw(step - 1)
+        """k of the trainer's step `step` (1-based)."""
+        return self._solver_steps[step - 1]
 
-    def of_steps(self, first: int, last: int) -> float:
-        return sum(self.at_expected_k + self.per_solver_step * (self.solver_steps(i) - self.expected_k)
-                   for i in range(first, last + 1))
+    def of_step(self, step: int) -> float:
+        return self.at_expected_k + self.per_solver_step * (self.solver_steps(step) - self.expected_k)
 
 
 class ProfilerStepper(Callback):
@@ -424,10 +425,9 @@ def main(argv=None) -> int:
             r["mfu"] = None
             if ceiling:  # the FLOPs of exactly the timed steps over their time
                 timed_s = sum(seconds for *_, seconds in r["timed"])
-                flops = sum(step_flops.of_steps(first, last) for first, last, _ in r["timed"])
-                ks = [step_flops.solver_steps(i) for first, last, _ in r["timed"] for i in range(first, last + 1)]
-                r["mean_solver_steps"] = sum(ks) / len(ks)
-                r["mfu"] = flops / timed_s / (ceiling * 1e12)
+                steps = [i for first, last, _ in r["timed"] for i in range(first, last + 1)]
+                r["mean_solver_steps"] = sum(step_flops.solver_steps(i) for i in steps) / len(steps)
+                r["mfu"] = sum(step_flops.of_step(i) for i in steps) / timed_s / (ceiling * 1e12)
                 # the time a step at E[k] takes at this efficiency: comparable across windows of steps
                 r["s_per_step_at_expected_k"] = args.flops_per_step / (r["mfu"] * ceiling * 1e12)
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
