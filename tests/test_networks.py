@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -222,6 +223,42 @@ def test_torch_compile_fullgraph_has_no_graph_breaks():
     xm, ntm, nsm, _ = make_inputs(mlp)
     compiled_mlp = torch.compile(mlp, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled_mlp(xm, ntm, nsm), mlp(xm, ntm, nsm))
+
+
+@pytest.mark.parametrize("factory", [lambda: tiny_unet(num_classes=4), tiny_mlp])
+def test_compiled_trunk_leaves_the_last_layer_gradient_cheap(factory):
+    """compile_trunk (train.compile) keeps the output layer out of the compiled graph. The adaptive weights'
+    last-layer gradient must then cost only that layer's weight gradient; with the whole network compiled,
+    it runs the compiled backward of every parameter (here: more than 10x the FLOPs). 'aot_eager' compiles
+    forward and backward as one autograd function, as inductor does, without a C++ compiler."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = factory().train()
+    randomize(net)
+    x, nt, ns, y = make_inputs(net)
+    y = y if net.num_classes else None
+    eager_out = net(x, nt, ns, y)
+    grad_out = torch.randn_like(eager_out)
+    eager_last, = torch.autograd.grad(eager_out, net.last_layer_weight(), grad_out, retain_graph=True)
+    eager_grads = torch.autograd.grad(eager_out, list(net.parameters()), grad_out)
+
+    def last_layer_flops(model):
+        out = model(x, nt, ns, y)
+        with FlopCounterMode(display=False) as counter:
+            grad, = torch.autograd.grad(out, model.last_layer_weight(), grad_out, retain_graph=True)
+        return out, grad, counter.get_total_flops()
+
+    whole = copy.deepcopy(net)
+    whole.compile(backend="aot_eager")
+    _, _, whole_flops = last_layer_flops(whole)
+    net.compile_trunk(backend="aot_eager", fullgraph=True)  # fullgraph: a graph break would raise
+    out, last_grad, trunk_flops = last_layer_flops(net)
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(last_grad, eager_last)
+    assert 0 < 10 * trunk_flops < whole_flops, (trunk_flops, whole_flops)
+    for got, want in zip(torch.autograd.grad(out, list(net.parameters()), grad_out), eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------------------------

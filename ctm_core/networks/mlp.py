@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .embeddings import TimeEmbedding, check_inputs
+from .trunk import CompilableTrunk
 
 
 class FiLMResidualBlock(nn.Module):
@@ -33,7 +34,7 @@ class FiLMResidualBlock(nn.Module):
         return x + self.fc1(h)
 
 
-class MLPBackbone(nn.Module):
+class MLPBackbone(CompilableTrunk, nn.Module):
     """F_theta(x_in, c_noise(t), c_noise(s)[, label]) for data of shape (B, dim).
 
     The output layer starts at zero, so a fresh model returns F = 0 and the CTM wrapper's
@@ -83,9 +84,13 @@ class MLPBackbone(nn.Module):
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         check_inputs(x_in, noise_t, noise_s, class_labels, self.num_classes, (self.dim,))
+        return self.proj_out(self._trunk(x_in, noise_t, noise_s, class_labels)).to(x_in.dtype)
+
+    def _trunk(self, x_in: torch.Tensor, noise_t: torch.Tensor, noise_s: torch.Tensor,
+               class_labels: torch.Tensor | None) -> torch.Tensor:
+        """All but the output layer (CompilableTrunk)."""
         emb_t, emb_s = self.embed(noise_t, noise_s, class_labels)
         x = self.proj_in(x_in.to(self.proj_in.weight.dtype))
         for block in self.blocks:
             x = block(x, emb_t, emb_s)
-        out = self.proj_out(F.silu(self.norm_out(x)))
-        return out.to(x_in.dtype)
+        return F.silu(self.norm_out(x))

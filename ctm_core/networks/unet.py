@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .embeddings import TimeEmbedding, check_inputs
+from .trunk import CompilableTrunk
 
 _SQRT_HALF = math.sqrt(0.5)
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # PyTorch's Linux wheels bundle it
@@ -177,7 +178,7 @@ class UNetBlock(nn.Module):
         return x
 
 
-class UNetBackbone(nn.Module):
+class UNetBackbone(CompilableTrunk, nn.Module):
     """F_theta(x_in, c_noise(t), c_noise(s)[, label]) for images (B, C, H, W), H = W = img_resolution.
 
     Defaults are the CIFAR-10 DDPM++ setting used by CTM (about 60M parameters with the extra
@@ -290,6 +291,11 @@ class UNetBackbone(nn.Module):
             x_in, noise_t, noise_s, class_labels, self.num_classes,
             (self.in_channels, self.img_resolution, self.img_resolution),
         )
+        return self.conv_out(self._trunk(x_in, noise_t, noise_s, class_labels)).to(x_in.dtype)
+
+    def _trunk(self, x_in: torch.Tensor, noise_t: torch.Tensor, noise_s: torch.Tensor,
+               class_labels: torch.Tensor | None) -> torch.Tensor:
+        """All but the output conv (CompilableTrunk)."""
         emb_t, emb_s = self.embed(noise_t, noise_s, class_labels)
 
         x = self.conv_in(x_in.to(self.conv_in.weight.dtype))
@@ -301,5 +307,4 @@ class UNetBackbone(nn.Module):
             if blk.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = blk(x, emb_t, emb_s)
-        out = self.conv_out(self.norm_out(x))
-        return out.to(x_in.dtype)
+        return self.norm_out(x)
