@@ -403,9 +403,12 @@ def main(argv=None) -> int:
                       f"{r['global_batch'] / r['s_per_step']:.1f} | {efficiency} |", flush=True)
     else:
         for name in names:
-            results["variants"].append(run_variant(name, work, teacher, common, args.steps, args.warmup,
-                                                   args.profile_steps, args.out or Path("trainer_gpu.json"),
-                                                   args.sync_debug))
+            r = run_variant(name, work, teacher, common, args.steps, args.warmup, args.profile_steps,
+                            args.out or Path("trainer_gpu.json"), args.sync_debug)
+            results["variants"].append(r)
+            # a line per variant as it ends: a run stopped by a time limit still leaves the finished ones
+            print(f"{name}: {r['s_per_step']:.3f} s/step (mean after {args.warmup}), first steps "
+                  f"{r['warmup_s']:.0f} s, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
             torch.cuda.empty_cache()
         base = results["variants"][0]
         ceiling = results.get("bf16_ceiling", {}).get("tflops")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lpips import LPIPS, normalize_tensor  # this module is imported only by runs that use LPIPS
 from torch import nn
 
 from ctm_core.pretrained import require_file, require_weights
@@ -81,8 +82,11 @@ class LPIPSDistance(nn.Module):
     The backbone comes from `backbone_path` if given, else from the cache entry
     'vgg16_lpips' (cache_dir > $CTM_LAB_CACHE > ~/.cache/ctm-lab).
 
-    `recompute_features` (set by the trainer, train.recompute_features): keep none of the VGG's
-    activations for the backward and run it again there (ctm_core.recompute).
+    `recompute_features` (set by the trainer, train.recompute_features): keep none of the first
+    input's VGG activations for the backward and run it again there (ctm_core.recompute). The second
+    input's features are computed once, outside that region: in CTM it is the target, which no gradient
+    reaches, so recomputing its side would cost a VGG forward per step for nothing (~8 TFLOP at batch
+    256), and its five feature maps (~12 MB per image in bf16) are what the distance needs anyway.
     """
 
     def __init__(
@@ -98,12 +102,10 @@ class LPIPSDistance(nn.Module):
             path = require_file(backbone_path, LPIPS_BACKBONE_ENTRY)
         else:
             path = require_weights(LPIPS_BACKBONE_ENTRY, cache_dir)
-        features = _vgg_features_state(path)  # validate before the (slow) lpips construction
-        import lpips  # deferred: only LPIPS runs pay for the import
-
+        features = _vgg_features_state(path)  # validate before the (slow) LPIPS construction
         with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=` flag
             warnings.simplefilter("ignore", UserWarning)
-            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+            self.lpips = LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         _load_vgg_backbone(self.lpips.net, features, path)
         _average_pooling(self.lpips.net)
         self.requires_grad_(False)
@@ -123,12 +125,28 @@ class LPIPSDistance(nn.Module):
             x = F.interpolate(x, size=(self.resize_to, self.resize_to), mode="bilinear", align_corners=False)
         return x
 
+    def compile_networks(self, **options) -> None:
+        """torch.compile the feature extraction and the distance to given features (what `forward` runs)."""
+        self._features = torch.compile(self._features, **options)
+        self._distance_to = torch.compile(self._distance_to, **options)
+
+    def _features(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The VGG's five feature maps of an image in [-1, 1], each unit-normalised over channels."""
+        taps = self.lpips.net(self.lpips.scaling_layer(image))
+        return tuple(normalize_tensor(tap) for tap in taps)
+
+    def _distance_to(self, image: torch.Tensor, *target: torch.Tensor) -> torch.Tensor:
+        """LPIPS between an image and the `_features` of another: per layer, the learned channel weights
+        on the squared feature difference, averaged over space; summed over layers. Shape (B, 1, 1, 1)."""
+        diffs = [(a - b) ** 2 for a, b in zip(self._features(image), target, strict=True)]
+        return sum(lin(diff).mean((2, 3), keepdim=True) for lin, diff in zip(self.lpips.lins, diffs, strict=True))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape:
             raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        pair = self._prepare(x, "x"), self._prepare(y, "y")
+        x, target = self._prepare(x, "x"), self._features(self._prepare(y, "y"))
         if self.recompute_features:
-            d = forward_recomputed_in_backward(self.lpips, *pair, normalize=False)
+            d = forward_recomputed_in_backward(self._distance_to, x, *target)
         else:
-            d = self.lpips(*pair, normalize=False)
+            d = self._distance_to(x, *target)
         return d.reshape(x.shape[0])

@@ -139,7 +139,7 @@ def _prepare_loss_networks(lpips, discriminator, loop: TrainLoopConfig, device: 
         return
     if loop.compile_features != "off":
         if lpips is not None:
-            lpips.lpips.compile()
+            lpips.compile_networks()
         for net in getattr(discriminator, "feature_nets", ()):
             net.compile()
     if loop.compile_heads != "off" and hasattr(discriminator, "compile_heads"):  # the projected discriminator
@@ -342,9 +342,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
                                      graph_jumps=env.device.type == "cuda" and config.train.target_graphs != "off")
     d_objective = DiscriminatorObjective(discriminator) if discriminator is not None else None
     if config.train.compile:  # the two U-Nets the step differentiates through: the student and the EMA target
-        student.backbone.compile()
+        student.backbone.compile_trunk()
         if config.mode != "edm":
-            target.backbone.compile()
+            target.backbone.compile_trunk()
     if env.is_distributed:
         g_objective = DistributedDataParallel(g_objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if d_objective is not None:
@@ -387,8 +387,9 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
     step = start_step
     compile_scope = ExitStack()
     if config.train.compile:
-        # The adaptive weights' last-layer gradients keep the student's graph (retain_graph), so its compiled
-        # backward runs more than once per step; graphs that donate their buffers refuse that (torch 2.11, H100).
+        # The CTM and GAN terms' gradients at the student's jump each go back through the EMA target (the first
+        # with retain_graph), so its compiled backward runs twice per step; graphs that donate their buffers
+        # refuse that (torch 2.11, H100).
         compile_scope.enter_context(torch._functorch.config.patch(donated_buffer=False))
     try:
         while step < config.train.steps:

@@ -170,6 +170,17 @@ def test_lpips_distance_properties(lpips32):
     assert torch.allclose(lpips32(g, y[:, :1]), lpips32(g.expand(-1, 3, -1, -1), y[:, :1].expand(-1, 3, -1, -1)))
 
 
+def test_lpips_distance_is_the_lpips_packages(lpips32):
+    """LPIPSDistance computes the distance from the package's layers itself (so that recomputation can
+    leave the target's side out): the same numbers as the package's own forward, with either setting."""
+    x, y = (torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(seed)) * 2 - 1 for seed in (4, 5))
+    lpips = copy.deepcopy(lpips32)
+    reference = lpips.lpips(x, y, normalize=False).reshape(3)
+    for recompute in (False, True):
+        lpips.recompute_features = recompute
+        torch.testing.assert_close(lpips(x.clone().requires_grad_(), y), reference, rtol=1e-5, atol=1e-7)
+
+
 def test_lpips_upsamples_small_images_only(lpips32):
     seen = []
     handle = lpips32.lpips.net.slice1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
@@ -327,6 +338,13 @@ def test_recomputed_feature_networks_keep_almost_nothing_and_give_the_same_gradi
         assert len(calls) == 1
         sum(logit.sum() for logit in disc(x.clone().requires_grad_(), augment=False)).backward()
         assert len(calls) == 3  # the forward, then again in the backward
+    finally:
+        handle.remove()
+    vgg_calls = []
+    handle = lpips.lpips.net.register_forward_pre_hook(lambda *args: vgg_calls.append(1))
+    try:
+        lpips(x.clone().requires_grad_(), y).sum().backward()
+        assert len(vgg_calls) == 3  # the target once; the image, then again in the backward
     finally:
         handle.remove()
 
