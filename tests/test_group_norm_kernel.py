@@ -38,9 +38,16 @@ for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.a
     inputs = [x, torch.randn(channels), torch.randn(channels)]
     inputs += [2 * torch.randn(batch, channels)] if with_shift else []
     inputs = [t.requires_grad_() for t in inputs]
-    out = group_norm_nhwc(inputs[0], inputs[1], inputs[2], groups, 1e-6, silu, inputs[3] if with_shift else None)
+    call = lambda x, w, b, *shift: group_norm_nhwc(x, w, b, groups, 1e-6, silu, *shift)
+    out = call(*inputs)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
+    # as a compiled graph sees them (the operators' fake versions at tracing time; aot_eager: forward and
+    # backward traced as one autograd function, like inductor, without a C++ compiler)
+    compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+    compiled_out = compiled(*inputs)
+    compiled_grads = torch.autograd.grad(compiled_out, inputs, grad_out)
+    same = lambda a, b: a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     shifted = ref_in[0] + (ref_in[3][:, :, None, None] if with_shift else 0)
     ref = F.group_norm(shifted, groups, ref_in[1], ref_in[2], 1e-6)
@@ -49,6 +56,7 @@ for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.a
     err = lambda a, b: float((a.double() - b).norm() / b.norm())
     results.append({"out": err(out, ref), "grads": [err(a, b) for a, b in zip(grads, ref_grads)],
                     "channels_last": out.is_contiguous(memory_format=torch.channels_last),
+                    "compiled_same": same(compiled_out, out) and all(map(same, compiled_grads, grads)),
                     "dtypes": [str(g.dtype) for g in grads]})
 print(json.dumps(results))
 """
@@ -64,6 +72,7 @@ def test_triton_group_norm_matches_float64_in_the_interpreter():
         assert result["out"] < 1e-6, (case, result)  # fp32 arithmetic: ~1e-7 against float64
         assert max(result["grads"]) < 1e-6, (case, result)
         assert result["channels_last"], case
+        assert result["compiled_same"], case  # torch.compile keeps the operators: bit-identical, same layout
         assert result["dtypes"] == ["torch.float32"] * len(result["grads"]), case
 
 

@@ -173,43 +173,79 @@ def _launch_shape(channels: int, groups: int, hw: int) -> tuple[int, int, int, i
             triton.next_power_of_2(groups_per_program), block_hw)
 
 
-class _GroupNormNHWC(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, weight, bias, groups: int, eps: float, silu: bool):
-        batch, channels, height, width = x.shape
-        hw = height * width
-        per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
-        y = torch.empty_like(x)
-        mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        _forward_kernel[(batch, programs)](
-            x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
-            channels // groups, per_program, eps,
-            BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
-        ctx.save_for_backward(x, shift, weight, bias, mean, rstd)
-        ctx.groups, ctx.silu = groups, silu
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, shift, weight, bias, mean, rstd = ctx.saved_tensors
-        batch, channels, height, width = x.shape
-        hw = height * width
-        per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, ctx.groups, hw)
-        dy = dy.contiguous(memory_format=torch.channels_last)
-        dx = torch.empty_like(x)
-        dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
-        dbias = torch.empty_like(dweight)
-        dshift = None if shift is None else torch.empty_like(dweight)
-        _backward_kernel[(batch, programs)](
-            dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
-            dweight if dshift is None else dshift, dweight, dbias, hw, channels, ctx.groups,
-            channels // ctx.groups, per_program,
-            BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=ctx.silu, HAS_SHIFT=shift is not None)
-        dshift = None if shift is None else dshift.to(shift.dtype)
-        return dx, dshift, dweight.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None, None
+# The kernels as PyTorch operators (torch.library), so that torch.compile keeps them in its graphs as
+# opaque calls: the compiled teacher uses them too, instead of inductor's GroupNorm, which on
+# channels_last activations moves them through layout copies (benchmarks/RESULTS.md, twelfth session).
+@torch.library.custom_op("ctm_lab::group_norm_nhwc", mutates_args=(), schema=(
+    "(Tensor x, Tensor? shift, Tensor weight, Tensor bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)"))
+def _forward(x, shift, weight, bias, groups, eps, silu):
+    """(output, per-(sample, group) mean, rstd): the statistics are what the backward reuses."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
+    y = torch.empty_like(x)
+    mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _forward_kernel[(batch, programs)](
+        x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
+        channels // groups, per_program, eps,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
+    return y, mean, rstd
 
 
+@_forward.register_fake
+def _(x, shift, weight, bias, groups, eps, silu):
+    stats = x.new_empty(x.shape[0], groups, dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ctm_lab::group_norm_nhwc_backward", mutates_args=(), schema=(
+    "(Tensor dy, Tensor x, Tensor? shift, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, int groups, "
+    "bool silu) -> (Tensor, Tensor, Tensor, Tensor)"))
+def _backward(dy, x, shift, weight, bias, mean, rstd, groups, silu):
+    """(dx, dshift, dweight, dbias); the last three per sample (B, C) in fp32, dshift empty without a shift."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
+    dx = torch.empty_like(x)
+    dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    dbias = torch.empty_like(dweight)
+    dshift = dweight.new_empty(0) if shift is None else torch.empty_like(dweight)
+    _backward_kernel[(batch, programs)](
+        dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
+        dweight if shift is None else dshift, dweight, dbias, hw, channels, groups,
+        channels // groups, per_program,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
+    return dx, dshift, dweight, dbias
+
+
+@_backward.register_fake
+def _(dy, x, shift, weight, bias, mean, rstd, groups, silu):
+    per_sample = x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    return (torch.empty_like(x), per_sample.new_empty(0) if shift is None else torch.empty_like(per_sample),
+            per_sample, torch.empty_like(per_sample))
+
+
+def _keep_for_backward(ctx, inputs, output):
+    x, shift, weight, bias, groups, _, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, weight, bias, mean, rstd)
+    ctx.groups, ctx.silu = groups, silu
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gradients(ctx, dy, _dmean, _drstd):
+    x, shift, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dshift, dweight, dbias = _backward(dy.contiguous(memory_format=torch.channels_last), x, shift, weight, bias,
+                                           mean, rstd, ctx.groups, ctx.silu)
+    dshift = None if shift is None else dshift.to(shift.dtype)
+    return dx, dshift, dweight.sum(0).to(weight.dtype), dbias.sum(0).to(bias.dtype), None, None, None
+
+
+_forward.register_autograd(_gradients, setup_context=_keep_for_backward)
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: torch.compile bakes it in, no graph break
 @functools.lru_cache(maxsize=None)
 def ampere_or_newer(device_index: int) -> bool:
     """Whether the kernels run on this GPU: Triton's bf16 conversions need sm_80; older GPUs (V100) keep
@@ -241,4 +277,4 @@ def group_norm_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
         if shift.shape != x.shape[:2]:
             raise ValueError(f"shift must be (batch, channels) = {tuple(x.shape[:2])}, got {tuple(shift.shape)}")
         shift = shift.contiguous()
-    return _GroupNormNHWC.apply(x, shift, weight, bias, groups, eps, silu)
+    return _forward(x, shift, weight, bias, groups, eps, silu)[0]

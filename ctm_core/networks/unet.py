@@ -43,9 +43,9 @@ class GroupNorm(nn.GroupNorm):
     kernel accumulates the statistics in fp32 either way, so only the output's rounding differs,
     and the next convolution rounds its input to bf16 anyway.
 
-    On CUDA with channels_last activations, eager calls go to `group_norm_nhwc`'s Triton kernels,
-    which read that layout directly and fuse the shift and the SiLU (`triton=False` keeps the
-    PyTorch path). Under torch.compile the PyTorch path is traced: inductor fuses it itself.
+    On CUDA with channels_last activations, calls go to `group_norm_nhwc`'s Triton kernels, which
+    read that layout directly and fuse the shift and the SiLU (`triton=False` keeps the PyTorch
+    path). They are PyTorch operators, so compiled networks (the teacher) call them too.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
@@ -54,7 +54,7 @@ class GroupNorm(nn.GroupNorm):
         self.triton = True
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        if self.triton and HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling():
+        if self.triton and HAS_TRITON and x.is_cuda:
             from .group_norm_nhwc import group_norm_nhwc, supports  # Triton is imported on CUDA only
             if supports(x):
                 return group_norm_nhwc(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift)
