@@ -215,12 +215,14 @@ def ctm_loss(student: CTMModel, target: CTMModel, solver: Solver, x0: Tensor, no
     x_t = x0 + broadcast_time(t, x0) * noise
     outer_is_identity = times.s_at_end and end == student.process.sigma_min
     to_end = (lambda x: x) if outer_is_identity else (lambda x: target.jump(x, s, end, class_labels))
+    # The solver first: on a GPU its teacher calls are replayed graphs that take the host almost no time,
+    # so the GPU has them queued while the host launches the student's eager passes one by one.
+    with torch.no_grad(), record_function("ctm/solver"):
+        x_u = solver(x_t, times.t_idx, times.u_idx)
     with record_function("ctm/estimate"):
         jump = student.jump(x_t, t, s, class_labels) if student_jump is None else student_jump(x_t, t, s)
         x_est = to_end(jump)
     with torch.no_grad():
-        with record_function("ctm/solver"):
-            x_u = solver(x_t, times.t_idx, times.u_idx)
         with record_function("ctm/target"):
             inner = student if target_inner == "student" else target
             x_target = to_end(inner.jump(x_u, u, s, class_labels))
