@@ -209,12 +209,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # One step's randomness
 
 def _draw(config: TrainConfig, step: int, x_shape: tuple[int, ...], device: torch.device) -> dict[str, Any]:
-    """The global batch's noise and times for this step, identical on every rank."""
+    """The global batch's noise and times for this step, identical on every rank. For a CUDA device the
+    noise is drawn straight into pinned memory, from which it is copied without holding the host back
+    (data.to_device) and without a second copy on the host."""
     gen = torch.Generator().manual_seed(derived_seed("step", config.seed, step))
     batch = config.data.batch_size
     process = config.process
-    draw: dict[str, Any] = {"noise": torch.randn((batch, *x_shape), generator=gen)}
-    draw["dsm_noise"] = torch.randn((batch, *x_shape), generator=gen)
+    pinned = device.type == "cuda"
+    draw: dict[str, Any] = {"noise": torch.randn((batch, *x_shape), generator=gen, pin_memory=pinned)}
+    draw["dsm_noise"] = torch.randn((batch, *x_shape), generator=gen, pin_memory=pinned)
     d = config.loss.dsm
     draw["dsm_t"] = sample_dsm_times(batch, process, gen, d.p_mean, d.p_std, d.uniform_fraction, d.xi_max)
     if config.mode == "cd":
@@ -223,6 +226,34 @@ def _draw(config: TrainConfig, step: int, x_shape: tuple[int, ...], device: torc
         draw["times"], _ = sample_ctm_times(batch, config.ctm.num_points, config.ctm.max_steps, gen,
                                             config.ctm.step_weight_power, config.ctm.s_strategy)
     return draw
+
+
+class _DrawsAhead:
+    """Each step's draw, made one step ahead on a worker thread.
+
+    The draw is host work (at batch 256 on CIFAR-10, ~12 ms of normals on an H100 host). Made at the
+    top of its step, it kept the GPU idle: the host reaches that point having just launched the
+    discriminator step, whose small kernels leave nothing queued (benchmarks/RESULTS.md, twelfth
+    session). A draw depends only on (seed, step), so making it early changes no number."""
+
+    def __init__(self, config: TrainConfig, x_shape: tuple[int, ...], device: torch.device, first_step: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-draw")
+        self._make = lambda step: self._pool.submit(_draw, config, step, x_shape, device)
+        self._last_step = config.train.steps - 1
+        self._ahead = (first_step, self._make(first_step))
+
+    def take(self, step: int) -> dict[str, Any]:
+        drawn_for, future = self._ahead
+        if drawn_for != step:
+            raise RuntimeError(f"draws are taken in order: step {step} asked for, step {drawn_for} drawn")
+        if step < self._last_step:
+            self._ahead = (step + 1, self._make(step + 1))
+        return future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _slice_draw(draw: dict[str, Any], lo: int, hi: int, x0: torch.Tensor, labels, device) -> MicroBatch:
@@ -385,12 +416,14 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
         return scores
 
     step = start_step
-    compile_scope = ExitStack()
+    loop_scope = ExitStack()
+    draws = _DrawsAhead(config, meta["data_shape"], env.device, start_step)
+    loop_scope.callback(draws.close)
     if config.train.compile:
         # The CTM and GAN terms' gradients at the student's jump each go back through the EMA target (the first
         # with retain_graph), so its compiled backward runs twice per step; graphs that donate their buffers
         # refuse that (torch 2.11, H100).
-        compile_scope.enter_context(torch._functorch.config.patch(donated_buffer=False))
+        loop_scope.enter_context(torch._functorch.config.patch(donated_buffer=False))
     try:
         while step < config.train.steps:
             weights = _step_weights(config, step)
@@ -399,7 +432,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.optim.lr, config.optim.warmup_steps, config.optim.decay,
                                             config.train.steps)
-            draw = _draw(config, step, meta["data_shape"], env.device)
+            draw = draws.take(step)
             x_batch, y_batch = stream.take(x_all, y_all)
             offset = env.rank * local_batch
             optimizer.zero_grad(set_to_none=True)
@@ -479,7 +512,7 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = ()) -> TrainResul
                         cb.on_checkpoint(step, last_ckpt)
                 barrier(env)
     finally:
-        compile_scope.close()
+        loop_scope.close()
         bar.close()
         if metrics_file is not None:
             metrics_file.close()

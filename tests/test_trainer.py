@@ -449,3 +449,24 @@ def test_triton_norms_switch_reaches_the_student_and_the_teacher(tmp_path, teach
                                   f"train.triton_norms={switch}"]))
     assert len(seen) == 2 and seen[0][0] is not seen[1][0]  # the student, then the teacher
     assert [on for _, on in seen] == [enabled, enabled]
+
+
+def test_draws_made_ahead_on_a_thread_are_the_steps_own_draws(tmp_path):
+    """The loop takes each step's noise and times from a worker thread that drew them one step early
+    (_DrawsAhead): they must be exactly what the step draws itself, in order, up to the last step."""
+    from ctm_core.train import _draw, _DrawsAhead
+
+    config = _tiny(tmp_path, "x", ["mode=ctm_scratch", "train.steps=4"])
+    shape, cpu = (2,), torch.device("cpu")
+    draws = _DrawsAhead(config, shape, cpu, first_step=1)
+    try:
+        for step in (1, 2, 3):
+            got, want = draws.take(step), _draw(config, step, shape, cpu)
+            assert torch.equal(got["noise"], want["noise"]) and torch.equal(got["dsm_noise"], want["dsm_noise"])
+            assert torch.equal(got["times"].t_idx, want["times"].t_idx) and got["times"].steps == want["times"].steps
+        assert not torch.equal(got["noise"], _draw(config, 2, shape, cpu)["noise"])  # steps differ
+        assert draws._ahead[0] == 3  # nothing drawn past the run's last step (3: steps 0..3)
+        with pytest.raises(RuntimeError, match="in order"):
+            draws.take(1)
+    finally:
+        draws.close()
