@@ -239,7 +239,10 @@ class _DrawsAhead:
     def __init__(self, config: TrainConfig, x_shape: tuple[int, ...], device: torch.device, first_step: int):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-draw")
+        # pinned memory is allocated through the thread's current device: the rank's, not GPU 0 (a
+        # context there per rank), as in DataLoader's pin-memory thread
+        initializer = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctm-draw", initializer=initializer)
         self._make = lambda step: self._pool.submit(_draw, config, step, x_shape, device)
         self._last_step = config.train.steps - 1
         self._ahead = (first_step, self._make(first_step))
