@@ -73,9 +73,32 @@ def main(path: str, steps: int) -> None:
           f"window {window / 1e3 / steps:.1f} ms/step):")
     for name, us in idle.most_common(20):
         print(f"  {us / 1e3 / steps:8.1f}  {name}")
+    print("\nwork the GPU had queued ahead of the host when each of the main thread's ranges began and ended "
+          "(ms; near 0: the host bounds the step there):")
+    for name, at_start, at_end in gpu_lead_by_range(kernels, launches, ranges, min(ops)):
+        print(f"  {at_start:8.1f} -> {at_end:8.1f}  {name}")
     print("\nby launching aten op, copies by the op that asked for them (ms/step, kernels/step):")
     for name, us in by_op.most_common(40):
         print(f"  {us / 1e3 / steps:8.1f}  {count[name] / steps:7.0f}  {name}")
+
+
+def gpu_lead_by_range(kernels: list[dict], launches: dict, ranges: list[dict],
+                      main_tid: int) -> list[tuple[str, float, float]]:
+    """(range, lead at its start, lead at its end) for the main thread's ranges of 5 ms or more, in order.
+    The lead at a moment is how long the GPU still had to run the kernels launched before it."""
+    pairs = sorted((launches[k["args"]["correlation"]]["ts"], k["ts"] + k["dur"]) for k in kernels
+                   if k["args"].get("correlation") in launches)
+    launched, frontier, latest = [p[0] for p in pairs], [], 0.0
+    for _, end in pairs:
+        latest = max(latest, end)
+        frontier.append(latest)
+
+    def lead(ts: float) -> float:
+        i = bisect.bisect_right(launched, ts) - 1
+        return (frontier[i] - ts) / 1e3 if i >= 0 else 0.0
+
+    own = sorted((r for r in ranges if r["tid"] == main_tid and r["dur"] >= 5000), key=lambda r: r["ts"])
+    return [(r["name"], lead(r["ts"]), lead(r["ts"] + r["dur"])) for r in own]
 
 
 def idle_by_host_region(kernels: list[dict], ranges: list[dict], main_tid: int) -> tuple[collections.Counter, float]:
