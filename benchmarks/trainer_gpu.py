@@ -29,7 +29,7 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
     plain      train.compile_teacher=off, train.teacher_graphs=off, train.compile_features=off,
                train.target_graphs=off, train.triton_norms=off, train.recompute_features=off,
                train.compile_heads=off
-    compiled   defaults + train.compile=true (the student's and the EMA target's backbones too)
+    compiled   defaults + train.compile=true (the student's and the EMA target's trunks too)
     nchw       defaults with train.channels_last=off (NCHW activations and weights)
     no-target-graphs  defaults with train.target_graphs=off (the target branch's two jumps eager)
     no-triton-norms   defaults with train.triton_norms=off (the U-Nets' GroupNorm through PyTorch)
