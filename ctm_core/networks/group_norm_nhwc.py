@@ -173,6 +173,13 @@ def _launch_shape(channels: int, groups: int, hw: int) -> tuple[int, int, int, i
             triton.next_power_of_2(groups_per_program), block_hw)
 
 
+def _launch_plan(x: torch.Tensor, groups: int) -> tuple[tuple[int, int], int, int, dict[str, int]]:
+    """(grid, H*W, channels per program, block sizes) for both kernels on x."""
+    batch, channels, height, width = x.shape
+    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, height * width)
+    return (batch, programs), height * width, per_program, dict(BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g)
+
+
 # The kernels as PyTorch operators (torch.library), so that torch.compile keeps them in its graphs as
 # opaque calls: the compiled teacher uses them too, instead of inductor's GroupNorm, which on
 # channels_last activations moves them through layout copies (benchmarks/RESULTS.md, twelfth session).
@@ -180,16 +187,14 @@ def _launch_shape(channels: int, groups: int, hw: int) -> tuple[int, int, int, i
     "(Tensor x, Tensor? shift, Tensor weight, Tensor bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)"))
 def _forward(x, shift, weight, bias, groups, eps, silu):
     """(output, per-(sample, group) mean, rstd): the statistics are what the backward reuses."""
-    batch, channels, height, width = x.shape
-    hw = height * width
-    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
+    grid, hw, per_program, blocks = _launch_plan(x, groups)
+    batch, channels = x.shape[:2]
     y = torch.empty_like(x)
     mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _forward_kernel[(batch, programs)](
+    _forward_kernel[grid](
         x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
-        channels // groups, per_program, eps,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
+        channels // groups, per_program, eps, SILU=silu, HAS_SHIFT=shift is not None, **blocks)
     return y, mean, rstd
 
 
@@ -204,18 +209,16 @@ def _(x, shift, weight, bias, groups, eps, silu):
     "bool silu) -> (Tensor, Tensor, Tensor, Tensor)"))
 def _backward(dy, x, shift, weight, bias, mean, rstd, groups, silu):
     """(dx, dshift, dweight, dbias); the last three per sample (B, C) in fp32, dshift empty without a shift."""
-    batch, channels, height, width = x.shape
-    hw = height * width
-    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, hw)
+    grid, hw, per_program, blocks = _launch_plan(x, groups)
+    batch, channels = x.shape[:2]
     dx = torch.empty_like(x)
     dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
     dbias = torch.empty_like(dweight)
     dshift = dweight.new_empty(0) if shift is None else torch.empty_like(dweight)
-    _backward_kernel[(batch, programs)](
+    _backward_kernel[grid](
         dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
         dweight if shift is None else dshift, dweight, dbias, hw, channels, groups,
-        channels // groups, per_program,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g, SILU=silu, HAS_SHIFT=shift is not None)
+        channels // groups, per_program, SILU=silu, HAS_SHIFT=shift is not None, **blocks)
     return dx, dshift, dweight, dbias
 
 
