@@ -149,15 +149,15 @@ class StepFlops:
     def __init__(self, config, at_expected_k: float):
         from torch.utils.flop_counter import FlopCounterMode
 
+        from ctm_core.losses import solver_step_weights
         from ctm_core.train import _draw, _load_teacher
 
         teacher, meta = _load_teacher(config, torch.device("cpu"))
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             teacher.denoiser(torch.zeros(1, *meta["data_shape"]), torch.ones(1))
         self.per_solver_step = 2 * counter.get_total_flops() * config.data.batch_size
-        k_max = min(config.ctm.max_steps, config.ctm.num_points - 1)
-        weights = [k ** config.ctm.step_weight_power for k in range(1, k_max + 1)]
-        self.expected_k = sum(k * w for k, w in enumerate(weights, 1)) / sum(weights)
+        weights = solver_step_weights(config.ctm.num_points, config.ctm.max_steps, config.ctm.step_weight_power)
+        self.expected_k = float((torch.arange(1, len(weights) + 1) * weights).sum() / weights.sum())
         self.at_expected_k = at_expected_k
         # k of the run's steps 1..train.steps: the trainer's own seeded draws, replayed once on the host
         self._solver_steps = [_draw(config, i, meta["data_shape"], torch.device("cpu"))["times"].steps

@@ -143,6 +143,11 @@ class GridTimes:
                          to_device(self.s_idx[lo:hi], device), self.s_at_end, self.steps)
 
 
+def solver_step_weights(num_points: int, max_steps: int, step_weight_power: float = 1.0) -> Tensor:
+    """Unnormalised P(k) of the teacher's solver step count k = 1..min(K, N-1): k^power (official code)."""
+    return torch.arange(1, min(max_steps, num_points - 1) + 1, dtype=torch.float64) ** step_weight_power
+
+
 def sample_ctm_times(batch: int, num_points: int, max_steps: int, generator: torch.Generator | None = None,
                      step_weight_power: float = 1.0, s_strategy: Literal["uniform", "min"] = "uniform",
                      device: torch.device | str = "cpu") -> tuple[GridTimes, int]:
@@ -155,9 +160,8 @@ def sample_ctm_times(batch: int, num_points: int, max_steps: int, generator: tor
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if s_strategy not in ("uniform", "min"):
         raise ValueError(f"s_strategy must be 'uniform' or 'min', got {s_strategy!r}")
-    k_max = min(max_steps, num_points - 1)
-    ks = torch.arange(1, k_max + 1, dtype=torch.float64)
-    k = int(torch.multinomial(ks ** step_weight_power, 1, generator=generator).item()) + 1
+    weights = solver_step_weights(num_points, max_steps, step_weight_power)
+    k = int(torch.multinomial(weights, 1, generator=generator).item()) + 1
     n = torch.randint(0, num_points - k, (batch,), generator=generator)
     u = n + k
     if s_strategy == "min":
