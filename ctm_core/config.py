@@ -172,7 +172,7 @@ class TrainLoopConfig:
     ckpt_every: Annotated[int, Field(ge=1)] = 500
     keep_last: Annotated[int, Field(ge=1)] = 2
     bf16: Switch = "auto"       # auto: on for CUDA
-    compile: bool = False       # torch.compile of the student's and the EMA target's backbones
+    compile: bool = False       # torch.compile of the student's and EMA target's backbones but their output layers
     channels_last: Switch = "auto"
     compile_teacher: Switch = "auto"   # torch.compile of the frozen teacher's backbone; auto: on for CUDA
     teacher_graphs: Switch = "auto"    # the teacher's denoiser as a CUDA graph (ctm_core.teacher_graph); auto: CUDA

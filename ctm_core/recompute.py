@@ -4,8 +4,9 @@ The generator's step back-propagates to its images through networks it never tra
 at 224x224 and the projected discriminator's feature networks (DeiT-B and EfficientNet-lite0, also
 at 224). Autograd keeps their activations for that backward, ~450 MiB per image in fp32 (about half in
 bf16) against the U-Net's few MiB at 32x32, so at the paper's batch of 256 they, not the student, decide
-whether a step fits on an 80 GB GPU. Running their forward again in the backward adds ~25 TFLOP to a
-batch-256 step (~6% of its FLOPs; LPIPS recomputes the target's side too).
+whether a step fits on an 80 GB GPU. Running their forward again in the backward adds ~17 TFLOP to a
+batch-256 step (~4% of its FLOPs): the image's side of LPIPS and the discriminator's networks, not LPIPS's
+target side, which gets no gradient and is computed once (lpips_distance).
 """
 from __future__ import annotations
 
