@@ -31,6 +31,7 @@ from .trial import out_dir_lock, run_trial, wait_for_teacher
 
 REPORT_EVERY_S = 30.0
 POINTER_FILE = "trainer_checkpoint.json"
+POINTER_FOLDER = ".tune_pointer"  # in a trial's out_dir: the folder reported to Tune as its checkpoint
 # Unix sockets live under Ray's temp dir; their paths must stay below 108 bytes.
 _MAX_TEMP_DIR = 40  # + "/session_<date>_<time>_<pid>/sockets/plasma_store" (~65)
 
@@ -72,7 +73,8 @@ def _report_to_tune(payload: dict[str, Any], checkpoint_path: Path | None, out_d
     """`tune.report`, with a small Tune checkpoint naming the trainer checkpoint when there is one.
 
     The trainer resumes from out_dir itself; Tune only needs the pointer. Tune copies the pointer's
-    folder into its storage inside `report`, so the temporary folder is removed right after.
+    folder into its storage inside `report`. The folder lives in out_dir and is rewritten at each
+    report: a temporary folder was left behind in /tmp whenever a SIGKILL landed inside `report`.
     """
     from ray import tune
     from ray.tune import Checkpoint
@@ -80,10 +82,11 @@ def _report_to_tune(payload: dict[str, Any], checkpoint_path: Path | None, out_d
     if checkpoint_path is None:
         tune.report(payload)
         return
-    with tempfile.TemporaryDirectory(prefix="ctm-tune-ckpt-") as folder:
-        (Path(folder) / POINTER_FILE).write_text(json.dumps(
-            {"step": payload["step"], "path": str(checkpoint_path), "out_dir": str(out_dir)}))
-        tune.report(payload, checkpoint=Checkpoint.from_directory(folder))
+    folder = out_dir / POINTER_FOLDER
+    folder.mkdir(exist_ok=True)
+    (folder / POINTER_FILE).write_text(json.dumps(
+        {"step": payload["step"], "path": str(checkpoint_path), "out_dir": str(out_dir)}))
+    tune.report(payload, checkpoint=Checkpoint.from_directory(folder))
 
 
 class TuneReporter(Callback):
