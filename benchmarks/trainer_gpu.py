@@ -256,6 +256,20 @@ class SyncFinder(Callback):
         return "\n".join(lines)
 
 
+def norm_plans() -> dict[str, dict[str, int]]:
+    """How many of this process's GroupNorm call signatures kept each launch plan (channels, tile, warps),
+    forward and backward (group_norm_nhwc.FastestPlan); empty where the Triton norms never ran."""
+    module = sys.modules.get("ctm_core.networks.group_norm_nhwc")
+    if module is None:
+        return {}
+    counts: dict[str, dict[str, int]] = {}
+    for direction, chooser in (("forward", module.FORWARD_PLANS), ("backward", module.BACKWARD_PLANS)):
+        for plan in chooser.chosen().values():
+            key = f"{plan.channels}/{plan.tile}/{plan.warps}"
+            counts.setdefault(direction, {})[key] = counts.get(direction, {}).get(key, 0) + 1
+    return counts
+
+
 def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int,
                 profile_steps: int = 0, profile_out: Path | None = None, sync_debug: int = 0) -> dict:
     """One trainer run; with profile_steps, its last profile_steps steps run under torch.profiler
@@ -295,7 +309,7 @@ def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: 
     return {"variant": name, "overrides": VARIANTS[name], "wall_s": wall, **timings,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "loss_ctm": [r["train/loss_ctm"] for r in logged], "loss_dsm": [r["train/loss_dsm"] for r in logged],
-            "loss_gan_g": [r.get("train/loss_gan") for r in logged]}
+            "loss_gan_g": [r.get("train/loss_gan") for r in logged], "norm_plans": norm_plans()}
 
 
 def run_ddp(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int, world: int,
@@ -409,6 +423,8 @@ def main(argv=None) -> int:
             # a line per variant as it ends: a run stopped by a time limit still leaves the finished ones
             print(f"{name}: {r['s_per_step']:.3f} s/step (mean after {args.warmup}), first steps "
                   f"{r['warmup_s']:.0f} s, peak {r['peak_mem_gib']:.1f} GiB", flush=True)
+            if r["norm_plans"]:  # kept per process: a later variant reuses what an earlier one measured
+                print(f"{name}: GroupNorm launch plans kept (channels/tile/warps: signatures) {r['norm_plans']}")
             torch.cuda.empty_cache()
         base = results["variants"][0]
         ceiling = results.get("bf16_ceiling", {}).get("tflops")

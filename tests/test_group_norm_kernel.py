@@ -76,6 +76,108 @@ def test_triton_group_norm_matches_float64_in_the_interpreter():
         assert result["dtypes"] == ["torch.float32"] * len(result["grads"]), case
 
 
+PLAN_CASES = [  # masked lanes; rows past a tile and several programs; a single group; 16-channel groups
+    (2, 48, 4, 4, 4, True, True),
+    (2, 256, 10, 10, 32, True, True),
+    (1, 8, 3, 3, 1, True, False),
+    (2, 512, 3, 3, 32, False, True),
+]
+
+PLAN_SCRIPT = r"""
+import dataclasses, json, sys
+import torch
+import torch.nn.functional as F
+from ctm_core.networks import group_norm_nhwc as gn
+
+torch.manual_seed(0)
+results = []
+for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.argv[1]):
+    x = (5 + 3 * torch.randn(batch, channels, height, width)).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(channels), torch.randn(channels)
+    shift = 2 * torch.randn(batch, channels) if with_shift else None
+    dy = torch.randn_like(x)
+    ref_in = [t.double().requires_grad_() for t in (x, weight, bias) + ((shift,) if with_shift else ())]
+    shifted = ref_in[0] + (ref_in[3][:, :, None, None] if with_shift else 0)
+    ref = F.group_norm(shifted, groups, ref_in[1], ref_in[2], 1e-6)
+    ref = F.silu(ref) if silu else ref
+    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
+    err = lambda a, b: float((a.double() - b).norm() / b.norm())
+    for plan in gn.CANDIDATE_PLANS:
+        y, mean, rstd = gn.forward_with_plan(x, shift, weight, bias, groups, 1e-6, silu, plan)
+        dx, dshift, dweight, dbias = gn.backward_with_plan(dy, x, shift, weight, bias, mean, rstd, groups, silu, plan)
+        grads = [dx, dweight.sum(0), dbias.sum(0)] + ([dshift] if with_shift else [])
+        results.append({"plan": dataclasses.astuple(plan), "out": err(y, ref.detach()),
+                        "grads": [err(a, b) for a, b in zip(grads, ref_grads, strict=True)],
+                        "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
+print(json.dumps(results))
+"""
+
+
+def test_every_candidate_launch_plan_matches_float64_in_the_interpreter():
+    """Each plan FastestPlan may pick on a GPU computes the same function: how a call is cut into programs
+    and tiles changes the masking and the order of the sums, never the result beyond fp32 rounding."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, json.dumps(PLAN_CASES)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    from ctm_core.networks.group_norm_nhwc import CANDIDATE_PLANS
+
+    assert len(results) == len(PLAN_CASES) * len(CANDIDATE_PLANS)
+    for result in results:
+        assert result["out"] < 1e-6, result
+        assert max(result["grads"]) < 1e-6, result
+        assert result["channels_last"], result
+
+
+def test_launch_plans_cut_calls_into_whole_groups():
+    import torch
+
+    from ctm_core.networks.group_norm_nhwc import CANDIDATE_PLANS, LaunchPlan, _launch_plan
+
+    x = torch.empty(3, 256, 32, 32).to(memory_format=torch.channels_last)
+    for plan in CANDIDATE_PLANS:
+        grid, hw, per_program, options = _launch_plan(x, 32, plan)
+        assert per_program % 8 == 0 and per_program <= max(plan.channels, 8)  # whole groups of 8 channels
+        assert grid == (3, 256 // per_program) and hw == 1024
+        assert options["BLOCK_C"] * options["BLOCK_HW"] <= max(plan.tile, options["BLOCK_C"])
+        assert options["num_warps"] == plan.warps
+    # a group wider than the plan's channels still gets a program of its own
+    grid, _, per_program, options = _launch_plan(torch.empty(1, 512, 2, 2), 4, LaunchPlan(16, 1024, 2))
+    assert (grid, per_program, options["BLOCK_C"], options["BLOCK_HW"]) == ((1, 4), 128, 128, 4)
+
+
+def test_fastest_plan_times_each_candidate_once_per_signature_and_keeps_the_fastest():
+    from ctm_core.networks.group_norm_nhwc import DEFAULT_PLAN, FastestPlan, LaunchPlan
+
+    plans = (DEFAULT_PLAN, LaunchPlan(32, 2048, 4), LaunchPlan(16, 1024, 2))
+    cost = {DEFAULT_PLAN: 3.0, plans[1]: 1.0, plans[2]: 2.0}
+    launched, asked = [], []
+
+    def time_ms(run):  # a fake GPU clock: runs the call once and charges its plan's cost
+        return cost[run()]
+
+    def run(plan):
+        launched.append(plan)
+        return plan
+
+    def may_time():
+        asked.append(True)
+        return True
+
+    choose = FastestPlan(plans, time_ms)
+    assert choose(("a",), run, may_time) == plans[1]
+    assert launched == list(plans)  # every candidate, once
+    assert choose(("a",), run, may_time) == plans[1] and len(launched) == 3 and len(asked) == 1  # kept
+    cost[plans[2]] = 0.5
+    assert choose(("b",), run, may_time) == plans[2]  # another signature is measured on its own
+    assert choose.chosen() == {("a",): plans[1], ("b",): plans[2]}
+    # where nothing may be timed (the CPU, a CUDA-graph capture) the default runs and nothing is kept
+    assert choose(("c",), run, lambda: False) == DEFAULT_PLAN and ("c",) not in choose.chosen()
+    cost.update({plan: 1.0 for plan in plans})  # a tie keeps the earlier plan, the default first
+    assert choose(("c",), run, may_time) == DEFAULT_PLAN and choose.chosen()[("c",)] == DEFAULT_PLAN
+
+
 def test_group_norm_nhwc_refuses_layouts_and_shapes_it_was_not_written_for():
     import torch
 

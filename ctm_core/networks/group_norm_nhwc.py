@@ -9,10 +9,13 @@ contrib group_norm) has to be built from source against the local CUDA; no insta
 
 Layout: x is (B, C, H, W) in channels_last memory, i.e. (B, H*W, C) row-major. One program owns
 one sample and a block of whole groups: it walks the H*W rows in tiles whose rows are contiguous
-runs of channels, accumulates per-channel sums in fp32 (shifted by the first row, so that a large
-mean does not cancel the variance), merges them into group statistics, and walks the rows again
-to write the output. The backward recomputes the normalised input and the SiLU from x rather
-than storing them, so the autograd graph keeps x and two (B, G) vectors, not the norm's output.
+runs of channels, accumulates sums in fp32 (shifted by the first row, so that a large mean does
+not cancel the variance) elementwise over the tile, reduces them to per-channel sums once after
+the walk (a reduction across threads in every step of the walk would stall its loads), merges
+them into group statistics, and walks the rows again to write the output. The backward
+recomputes the normalised input and the SiLU from x rather than storing them, so the autograd
+graph keeps x and two (B, G) vectors, not the norm's output. How many channels a program owns,
+its tile and its warps are a LaunchPlan, timed on the GPU per shape at the first call (FastestPlan).
 
 Importing this module needs Triton (bundled with PyTorch's Linux wheels); the U-Net imports it
 only on CUDA, and uses it on Ampere or newer (sm_80: Triton's bf16 conversions). With
@@ -22,13 +25,13 @@ check them without a GPU.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-
-_TILE_ELEMENTS = 4096  # elements per tile (rows x channel block): enough loads in flight per program
-_CHANNELS_PER_PROGRAM = 64  # whole groups per program, about one 128-byte line of bf16 per row
+import triton.testing
 
 
 @triton.jit
@@ -75,14 +78,16 @@ def _forward_kernel(X, Shift, Weight, Bias, Y, Mean, Rstd, HW, C, G, cg, CPP, ep
     sample, base, channels, cmask, onehot, groups, gmask, shift = _program_block(
         Shift, HW, C, G, cg, CPP, BLOCK_C, BLOCK_G, HAS_SHIFT)
     pivot = tl.load(X + base + channels, mask=cmask, other=0.0).to(tl.float32)
-    s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, HW, BLOCK_HW):
+    s1 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):  # elementwise sums: no reduction across threads inside the loop
         pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
         x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, x - pivot[None, :], 0.0)
-        s1 += tl.sum(d, axis=0)
-        s2 += tl.sum(d * d, axis=0)
+        s1 += d
+        s2 += d * d
+    s1 = tl.sum(s1, axis=0)
+    s2 = tl.sum(s2, axis=0)
 
     # per channel: mean and sum of squared deviations; per group: Chan et al.'s pairwise merge
     channel_mean = pivot + shift + s1 / HW
@@ -135,14 +140,16 @@ def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight
     weight = tl.load(Weight + channels, mask=cmask, other=0.0).to(tl.float32)
     bias = tl.load(Bias + channels, mask=cmask, other=0.0).to(tl.float32)
 
-    sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dz = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    sum_dz_xhat = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
         pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
         dz, xhat = _tile_grad(X, DY, pointers, mask, mean, rstd, weight, bias, SILU)
         dz = tl.where(mask, dz, 0.0)
-        sum_dz += tl.sum(dz, axis=0)
-        sum_dz_xhat += tl.sum(dz * xhat, axis=0)
+        sum_dz += dz
+        sum_dz_xhat += dz * xhat
+    sum_dz = tl.sum(sum_dz, axis=0)
+    sum_dz_xhat = tl.sum(sum_dz_xhat, axis=0)
     tl.store(DWeight + sample * C + channels, sum_dz_xhat, mask=cmask)
     tl.store(DBias + sample * C + channels, sum_dz, mask=cmask)
 
@@ -150,34 +157,128 @@ def _backward_kernel(DY, X, Shift, Weight, Bias, Mean, Rstd, DX, DShift, DWeight
     count = HW * cg
     mean_wdz = _per_channel(_group_sums(weight * sum_dz, onehot) / count, onehot)
     mean_wdz_xhat = _per_channel(_group_sums(weight * sum_dz_xhat, onehot) / count, onehot)
-    sum_dx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_dx = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     for start in range(0, HW, BLOCK_HW):
         pointers, mask = _tile(start, HW, C, base, channels, cmask, BLOCK_HW)
         dz, xhat = _tile_grad(X, DY, pointers, mask, mean, rstd, weight, bias, SILU)
         dx = rstd[None, :] * (dz * weight[None, :] - mean_wdz[None, :] - xhat * mean_wdz_xhat[None, :])
         tl.store(DX + pointers, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_SHIFT:
-            sum_dx += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+            sum_dx += tl.where(mask, dx, 0.0)
     if HAS_SHIFT:
-        tl.store(DShift + sample * C + channels, sum_dx, mask=cmask)
+        tl.store(DShift + sample * C + channels, tl.sum(sum_dx, axis=0), mask=cmask)
 
 
-def _launch_shape(channels: int, groups: int, hw: int) -> tuple[int, int, int, int, int]:
-    """(channels per program, programs per sample, BLOCK_C, BLOCK_G, BLOCK_HW) for whole groups."""
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How one call is cut into programs: `channels` per program (rounded down to whole groups, at least
+    one), `tile` elements (rows x channel block) per loop step, and `warps` per program. More, smaller
+    programs keep more loads in flight and keep a program's second pass over its rows in cache; larger
+    tiles give each program more loads at once. Which wins depends on the shape and the GPU."""
+
+    channels: int
+    tile: int
+    warps: int
+
+
+# The plan used before plans were measured per shape, kept first: off CUDA (Triton's interpreter), inside
+# a CUDA-graph capture (no timing there), and as the fallback of a tie.
+DEFAULT_PLAN = LaunchPlan(channels=64, tile=4096, warps=4)
+CANDIDATE_PLANS = (DEFAULT_PLAN, LaunchPlan(64, 8192, 8), LaunchPlan(64, 2048, 4), LaunchPlan(64, 1024, 4),
+                   LaunchPlan(32, 4096, 4), LaunchPlan(32, 2048, 4), LaunchPlan(16, 2048, 4),
+                   LaunchPlan(16, 1024, 2))
+
+
+def _launch_plan(x: torch.Tensor, groups: int, plan: LaunchPlan) -> tuple[tuple[int, int], int, int, dict[str, int]]:
+    """(grid, H*W, channels per program, launch options) for either kernel on x under `plan`."""
+    batch, channels, height, width = x.shape
     per_group = channels // groups
-    groups_per_program = max(1, min(groups, _CHANNELS_PER_PROGRAM // per_group))
+    groups_per_program = max(1, min(groups, plan.channels // per_group))
     per_program = groups_per_program * per_group
     block_c = triton.next_power_of_2(per_program)
-    block_hw = max(1, min(triton.next_power_of_2(hw), _TILE_ELEMENTS // block_c))
-    return (per_program, triton.cdiv(groups, groups_per_program), block_c,
-            triton.next_power_of_2(groups_per_program), block_hw)
+    block_hw = max(1, min(triton.next_power_of_2(height * width), plan.tile // block_c))
+    options = dict(BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(groups_per_program),
+                   num_warps=plan.warps)
+    return (batch, triton.cdiv(groups, groups_per_program)), height * width, per_program, options
 
 
-def _launch_plan(x: torch.Tensor, groups: int) -> tuple[tuple[int, int], int, int, dict[str, int]]:
-    """(grid, H*W, channels per program, block sizes) for both kernels on x."""
-    batch, channels, height, width = x.shape
-    per_program, programs, block_c, block_g, block_hw = _launch_shape(channels, groups, height * width)
-    return (batch, programs), height * width, per_program, dict(BLOCK_HW=block_hw, BLOCK_C=block_c, BLOCK_G=block_g)
+def _gpu_ms(run: Callable[[], object]) -> float:
+    """Mean GPU time of `run` in ms, with the L2 cache flushed before each run (Triton's benchmark helper),
+    as the step meets these tensors: written by an earlier layer, not still in cache from a repeat."""
+    return triton.testing.do_bench(run, warmup=5, rep=20)
+
+
+class FastestPlan:
+    """The fastest of `plans` for each call signature, measured on the GPU at its first call and kept.
+
+    Why: a fixed plan was measured far from the memory bandwidth on an H100 (benchmarks/RESULTS.md), and
+    the best cut differs between shapes (32x32 activations do not fit in L2, 8x8 ones give few programs)
+    and between GPUs. This is what `torch.backends.cudnn.benchmark` does for the convolutions. Off CUDA,
+    and inside a CUDA-graph capture (where nothing can be timed), DEFAULT_PLAN runs."""
+
+    def __init__(self, plans: tuple[LaunchPlan, ...] = CANDIDATE_PLANS, time_ms: Callable[[Callable], float] = _gpu_ms):
+        self.plans = plans
+        self._time_ms = time_ms
+        self._chosen: dict[tuple, LaunchPlan] = {}
+
+    def __call__(self, signature: tuple, run: Callable[[LaunchPlan], object],
+                 may_time: Callable[[], bool]) -> LaunchPlan:
+        """The plan for calls of this signature; `run(plan)` launches one such call, and is timed only where
+        `may_time()` says so (asked only for a signature not yet measured: see _may_time)."""
+        chosen = self._chosen.get(signature)
+        if chosen is not None:
+            return chosen
+        if not may_time():
+            return DEFAULT_PLAN
+        times = [self._time_ms(functools.partial(run, candidate)) for candidate in self.plans]
+        chosen = self._chosen[signature] = self.plans[times.index(min(times))]  # a tie keeps the earlier plan
+        return chosen
+
+    def chosen(self) -> dict[tuple, LaunchPlan]:
+        """Every signature measured so far and its plan (for benchmarks and logs)."""
+        return dict(self._chosen)
+
+
+def _may_time(x: torch.Tensor) -> Callable[[], bool]:
+    return lambda: x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _signature(x: torch.Tensor, shift: torch.Tensor | None, groups: int, silu: bool) -> tuple:
+    return (x.device.index, tuple(x.shape), x.dtype, None if shift is None else shift.dtype, groups, silu)
+
+
+def forward_with_plan(x, shift, weight, bias, groups, eps, silu, plan: LaunchPlan):
+    """(output, per-(sample, group) mean, rstd) under an explicit plan: what the operator runs, with the plan
+    it chose (benchmarks time each plan through this)."""
+    grid, hw, per_program, options = _launch_plan(x, groups, plan)
+    batch, channels = x.shape[:2]
+    y = torch.empty_like(x)
+    mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _forward_kernel[grid](
+        x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
+        channels // groups, per_program, eps, SILU=silu, HAS_SHIFT=shift is not None, **options)
+    return y, mean, rstd
+
+
+def backward_with_plan(dy, x, shift, weight, bias, mean, rstd, groups, silu, plan: LaunchPlan):
+    """(dx, dshift, dweight, dbias) under an explicit plan; the last three per sample (B, C) in fp32, dshift
+    empty without a shift."""
+    grid, hw, per_program, options = _launch_plan(x, groups, plan)
+    batch, channels = x.shape[:2]
+    dx = torch.empty_like(x)
+    dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    dbias = torch.empty_like(dweight)
+    dshift = dweight.new_empty(0) if shift is None else torch.empty_like(dweight)
+    _backward_kernel[grid](
+        dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
+        dweight if shift is None else dshift, dweight, dbias, hw, channels, groups,
+        channels // groups, per_program, SILU=silu, HAS_SHIFT=shift is not None, **options)
+    return dx, dshift, dweight, dbias
+
+
+FORWARD_PLANS = FastestPlan()
+BACKWARD_PLANS = FastestPlan()
 
 
 # The kernels as PyTorch operators (torch.library), so that torch.compile keeps them in its graphs as
@@ -187,15 +288,9 @@ def _launch_plan(x: torch.Tensor, groups: int) -> tuple[tuple[int, int], int, in
     "(Tensor x, Tensor? shift, Tensor weight, Tensor bias, int groups, float eps, bool silu) -> (Tensor, Tensor, Tensor)"))
 def _forward(x, shift, weight, bias, groups, eps, silu):
     """(output, per-(sample, group) mean, rstd): the statistics are what the backward reuses."""
-    grid, hw, per_program, blocks = _launch_plan(x, groups)
-    batch, channels = x.shape[:2]
-    y = torch.empty_like(x)
-    mean = torch.empty(batch, groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    _forward_kernel[grid](
-        x, x if shift is None else shift, weight, bias, y, mean, rstd, hw, channels, groups,
-        channels // groups, per_program, eps, SILU=silu, HAS_SHIFT=shift is not None, **blocks)
-    return y, mean, rstd
+    args = (x, shift, weight, bias, groups, eps, silu)
+    plan = FORWARD_PLANS(_signature(x, shift, groups, silu), lambda plan: forward_with_plan(*args, plan), _may_time(x))
+    return forward_with_plan(*args, plan)
 
 
 @_forward.register_fake
@@ -208,18 +303,11 @@ def _(x, shift, weight, bias, groups, eps, silu):
     "(Tensor dy, Tensor x, Tensor? shift, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, int groups, "
     "bool silu) -> (Tensor, Tensor, Tensor, Tensor)"))
 def _backward(dy, x, shift, weight, bias, mean, rstd, groups, silu):
-    """(dx, dshift, dweight, dbias); the last three per sample (B, C) in fp32, dshift empty without a shift."""
-    grid, hw, per_program, blocks = _launch_plan(x, groups)
-    batch, channels = x.shape[:2]
-    dx = torch.empty_like(x)
-    dweight = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
-    dbias = torch.empty_like(dweight)
-    dshift = dweight.new_empty(0) if shift is None else torch.empty_like(dweight)
-    _backward_kernel[grid](
-        dy, x, x if shift is None else shift, weight, bias, mean, rstd, dx,
-        dweight if shift is None else dshift, dweight, dbias, hw, channels, groups,
-        channels // groups, per_program, SILU=silu, HAS_SHIFT=shift is not None, **blocks)
-    return dx, dshift, dweight, dbias
+    """(dx, dshift, dweight, dbias): see backward_with_plan."""
+    args = (dy, x, shift, weight, bias, mean, rstd, groups, silu)
+    plan = BACKWARD_PLANS(_signature(x, shift, groups, silu), lambda plan: backward_with_plan(*args, plan),
+                          _may_time(x))
+    return backward_with_plan(*args, plan)
 
 
 @_backward.register_fake
