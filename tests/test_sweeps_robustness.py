@@ -89,6 +89,49 @@ def test_a_teacher_killed_by_sigkill_fails_the_waiting_trials_promptly(tmp_path)
         job.cancel()
 
 
+def _exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def test_exit_status_of_a_killed_child_is_read_as_soon_as_its_sentinel_fires_even_under_load():
+    """A killed child's sentinel fires when its files close, a moment before the kernel makes it waitable:
+    a non-blocking look in between saw nothing, so no failure marker was written and the sweep's trials
+    waited for a dead teacher forever (~3% of kills with both cores busy). Two busy processes load the
+    machine while 200 children are killed and read; exit codes, and a child multiprocessing reaped
+    first, are read too."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    from sweeps.trial import _exit_status
+
+    ctx = multiprocessing.get_context("fork")
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for _ in range(200):
+            child = ctx.Process(target=_sleeper, args=(600,), daemon=True)
+            child.start()
+            os.kill(child.pid, signal.SIGKILL)
+            multiprocessing.connection.wait([child.sentinel])
+            assert "signal SIGKILL" in (_exit_status(child) or "no status"), "read before the child was waitable"
+            child.join()
+    finally:
+        for process in load:
+            process.kill()
+            process.wait()
+    for code, expected in ((3, "exited with code 3"), (0, None)):
+        child = ctx.Process(target=_exit_with, args=(code,))
+        child.start()
+        multiprocessing.connection.wait([child.sentinel])
+        status = _exit_status(child)
+        assert status == expected or (expected is not None and expected in status)
+        child.join()
+    reaped = ctx.Process(target=_sleeper, args=(600,))
+    reaped.start()
+    os.kill(reaped.pid, signal.SIGKILL)
+    reaped.join()  # multiprocessing reaps it and keeps the exit code
+    assert "signal SIGKILL" in _exit_status(reaped)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. DDP ranks of a trial Tune stops
 
