@@ -434,3 +434,43 @@ def test_group_norm_adds_its_shift_and_applies_silu_where_the_unet_built_it_to()
     assert norms and all(m.triton for m in norms)  # the default: the kernels wherever CUDA runs
     use_triton_norms(unet, False)
     assert not any(m.triton for m in norms)
+
+
+@pytest.mark.parametrize("adaptive_scale", [False, True])
+def test_unet_block_adds_conv0_bias_through_norm1_shift_as_the_plain_block_would(adaptive_scale):
+    """The residual block hands conv0's bias to norm1 as part of its shift instead of adding it to conv0's
+    output (one pass over the activation less, each way). The block must still compute DDPM++'s
+    norm1(conv0(x) + cond) (FiLM: scale and shift after norm1(conv0(x))), with the same gradients, also for
+    conv0's bias. Checked in float64 against the plain ops, with every bias non-zero."""
+    from torch.nn import functional as F
+
+    from ctm_core.networks.unet import UNetBlock
+
+    torch.manual_seed(0)
+    block = UNetBlock(8, 16, emb_channels=12, resample="down", dropout=0.0, adaptive_scale=adaptive_scale).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, emb_t, emb_s = torch.randn(3, 8, 8, 8).double(), torch.randn(3, 12).double(), torch.randn(3, 12).double()
+
+    def plain(x, emb_t, emb_s):
+        h = block.conv0(F.avg_pool2d(block.norm0(x), 2))  # conv0 with its bias, as nn.Conv2d adds it
+        cond = block.affine_t(emb_t) + block.affine_s(emb_s)
+        n1 = block.norm1
+        if adaptive_scale:
+            scale, shift = cond[:, :, None, None].chunk(2, dim=1)
+            h = F.silu(shift + F.group_norm(h, n1.num_groups, n1.weight, n1.bias, n1.eps) * (scale + 1))
+        else:
+            h = F.silu(F.group_norm(h + cond[:, :, None, None], n1.num_groups, n1.weight, n1.bias, n1.eps))
+        h = block.conv1(h)
+        return (h + block.skip(F.avg_pool2d(x, 2))) * math.sqrt(0.5)
+
+    out, ref = block(x, emb_t, emb_s), plain(x, emb_t, emb_s)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    params = list(block.parameters())
+    grads = torch.autograd.grad(out, params, grad_out)
+    ref_grads = torch.autograd.grad(ref, params, grad_out)
+    assert block.conv0.bias.abs().min() > 0
+    for (name, _), g, r in zip(block.named_parameters(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)

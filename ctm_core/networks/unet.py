@@ -163,13 +163,17 @@ class UNetBlock(nn.Module):
         _init_xavier(self.conv1, gain=1e-5)
 
     def forward(self, x: torch.Tensor, emb_t: torch.Tensor, emb_s: torch.Tensor) -> torch.Tensor:
-        h = self.conv0(_resample(self.norm0(x), self.resample))
-        cond = (self.affine_t(emb_t) + self.affine_s(emb_s)).to(h.dtype)
+        # conv0's bias goes into norm1's per-channel shift rather than onto conv0's output: the same function
+        # (norm1 sees conv0(x) + bias [+ cond] either way), without a pass over the activation to add it, nor
+        # one in the backward to reduce its gradient (the norm's shift gradient gives it)
+        h = F.conv2d(_resample(self.norm0(x), self.resample), self.conv0.weight, None, padding=self.conv0.padding)
+        cond = self.affine_t(emb_t) + self.affine_s(emb_s)
         if self.adaptive_scale:
-            scale, shift = cond[:, :, None, None].chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+            scale, shift = cond[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+            bias = self.conv0.bias.to(h.dtype).expand(h.shape[0], -1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h, shift=bias), scale + 1))
         else:
-            h = self.norm1(h, shift=cond)
+            h = self.norm1(h, shift=(cond + self.conv0.bias).to(h.dtype))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         skip = x if self.skip is None else self.skip(_resample(x, self.resample))
         x = (h + skip) * _SQRT_HALF
