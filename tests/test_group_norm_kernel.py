@@ -1,8 +1,9 @@
 """The Triton GroupNorm(+shift, +SiLU) kernels that the U-Net uses on CUDA, run on the CPU by Triton's
 interpreter (TRITON_INTERPRET=1 must be set before the kernels are defined, hence a subprocess), against
 float64 PyTorch on the same input: the output and the gradients of the input, the shift, the weight
-and the bias. The shapes cover several groups per program, a group size that leaves masked lanes
-(12 channels), more rows than one tile, a single group, and channels past one program's block."""
+and the bias, through the operators and under every candidate launch plan. The shapes cover several
+groups per program, a group size that leaves masked lanes (12 channels), more rows than one tile, a
+single group, and channels past one program's block."""
 import json
 import os
 import subprocess
@@ -25,10 +26,10 @@ CASES = [  # (B, C, H, W, groups, silu, shift)
 ]
 
 SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 import torch
 import torch.nn.functional as F
-from ctm_core.networks.group_norm_nhwc import group_norm_nhwc
+from ctm_core.networks import group_norm_nhwc as gn
 
 torch.manual_seed(0)
 results = []
@@ -38,7 +39,7 @@ for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.a
     inputs = [x, torch.randn(channels), torch.randn(channels)]
     inputs += [2 * torch.randn(batch, channels)] if with_shift else []
     inputs = [t.requires_grad_() for t in inputs]
-    call = lambda x, w, b, *shift: group_norm_nhwc(x, w, b, groups, 1e-6, silu, *shift)
+    call = lambda x, w, b, *shift: gn.group_norm_nhwc(x, w, b, groups, 1e-6, silu, *shift)
     out = call(*inputs)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -54,80 +55,45 @@ for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.a
     ref = F.silu(ref) if silu else ref
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
     err = lambda a, b: float((a.double() - b).norm() / b.norm())
+    # every plan FastestPlan may pick on a GPU, through the launches the operators make
+    x, weight, bias, shift = [t.detach() for t in inputs] + ([] if with_shift else [None])
+    plans = []
+    for plan in gn.CANDIDATE_PLANS:
+        y, mean, rstd = gn.forward_with_plan(x, shift, weight, bias, groups, 1e-6, silu, plan)
+        dx, dshift, dweight, dbias = gn.backward_with_plan(grad_out, x, shift, weight, bias, mean, rstd, groups,
+                                                           silu, plan)
+        plan_grads = [dx, dweight.sum(0), dbias.sum(0)] + ([dshift] if with_shift else [])
+        plans.append({"plan": dataclasses.astuple(plan), "out": err(y, ref.detach()),
+                      "grads": [err(a, b) for a, b in zip(plan_grads, ref_grads, strict=True)],
+                      "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
     results.append({"out": err(out, ref), "grads": [err(a, b) for a, b in zip(grads, ref_grads)],
                     "channels_last": out.is_contiguous(memory_format=torch.channels_last),
                     "compiled_same": same(compiled_out, out) and all(map(same, compiled_grads, grads)),
-                    "dtypes": [str(g.dtype) for g in grads]})
+                    "dtypes": [str(g.dtype) for g in grads], "plans": plans})
 print(json.dumps(results))
 """
 
 
 def test_triton_group_norm_matches_float64_in_the_interpreter():
+    """The operators (eager and compiled), and every launch plan FastestPlan may pick on a GPU: how a call is
+    cut into programs and tiles changes the masking and the order of the sums, never the result beyond
+    fp32 rounding."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
+    from ctm_core.networks.group_norm_nhwc import CANDIDATE_PLANS
+
     for case, result in zip(CASES, results, strict=True):
         assert result["out"] < 1e-6, (case, result)  # fp32 arithmetic: ~1e-7 against float64
         assert max(result["grads"]) < 1e-6, (case, result)
         assert result["channels_last"], case
         assert result["compiled_same"], case  # torch.compile keeps the operators: bit-identical, same layout
         assert result["dtypes"] == ["torch.float32"] * len(result["grads"]), case
-
-
-PLAN_CASES = [  # masked lanes; rows past a tile and several programs; a single group; 16-channel groups
-    (2, 48, 4, 4, 4, True, True),
-    (2, 256, 10, 10, 32, True, True),
-    (1, 8, 3, 3, 1, True, False),
-    (2, 512, 3, 3, 32, False, True),
-]
-
-PLAN_SCRIPT = r"""
-import dataclasses, json, sys
-import torch
-import torch.nn.functional as F
-from ctm_core.networks import group_norm_nhwc as gn
-
-torch.manual_seed(0)
-results = []
-for batch, channels, height, width, groups, silu, with_shift in json.loads(sys.argv[1]):
-    x = (5 + 3 * torch.randn(batch, channels, height, width)).to(memory_format=torch.channels_last)
-    weight, bias = torch.randn(channels), torch.randn(channels)
-    shift = 2 * torch.randn(batch, channels) if with_shift else None
-    dy = torch.randn_like(x)
-    ref_in = [t.double().requires_grad_() for t in (x, weight, bias) + ((shift,) if with_shift else ())]
-    shifted = ref_in[0] + (ref_in[3][:, :, None, None] if with_shift else 0)
-    ref = F.group_norm(shifted, groups, ref_in[1], ref_in[2], 1e-6)
-    ref = F.silu(ref) if silu else ref
-    ref_grads = torch.autograd.grad(ref, ref_in, dy.double())
-    err = lambda a, b: float((a.double() - b).norm() / b.norm())
-    for plan in gn.CANDIDATE_PLANS:
-        y, mean, rstd = gn.forward_with_plan(x, shift, weight, bias, groups, 1e-6, silu, plan)
-        dx, dshift, dweight, dbias = gn.backward_with_plan(dy, x, shift, weight, bias, mean, rstd, groups, silu, plan)
-        grads = [dx, dweight.sum(0), dbias.sum(0)] + ([dshift] if with_shift else [])
-        results.append({"plan": dataclasses.astuple(plan), "out": err(y, ref.detach()),
-                        "grads": [err(a, b) for a, b in zip(grads, ref_grads, strict=True)],
-                        "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
-print(json.dumps(results))
-"""
-
-
-def test_every_candidate_launch_plan_matches_float64_in_the_interpreter():
-    """Each plan FastestPlan may pick on a GPU computes the same function: how a call is cut into programs
-    and tiles changes the masking and the order of the sums, never the result beyond fp32 rounding."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, json.dumps(PLAN_CASES)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    from ctm_core.networks.group_norm_nhwc import CANDIDATE_PLANS
-
-    assert len(results) == len(PLAN_CASES) * len(CANDIDATE_PLANS)
-    for result in results:
-        assert result["out"] < 1e-6, result
-        assert max(result["grads"]) < 1e-6, result
-        assert result["channels_last"], result
+        assert len(result["plans"]) == len(CANDIDATE_PLANS)
+        for plan in result["plans"]:
+            assert plan["out"] < 1e-6 and max(plan["grads"]) < 1e-6 and plan["channels_last"], (case, plan)
 
 
 def test_launch_plans_cut_calls_into_whole_groups():
