@@ -3,7 +3,8 @@
 (record_function in ctm_core: ctm/solver, ctm/estimate, ...; backward kernels count under the
 range the main thread was in when autograd launched them, marked [bwd]) and by the aten op that
 launched each kernel, with copies attributed to the op that asked for them (autocast casts,
-memory-format conversions).
+memory-format conversions); last, each kernel by the innermost ops that launched it (which op's
+bias add, say, a generic elementwise kernel was).
 
     python benchmarks/trace_regions.py TRACE.json.gz STEPS
 """
@@ -44,6 +45,7 @@ def main(path: str, steps: int) -> None:
         return min(chosen, key=lambda e: e["dur"])["name"] if chosen else "?"
 
     by_region, by_op, count = collections.Counter(), collections.Counter(), collections.Counter()
+    by_kernel, kernel_count = collections.Counter(), collections.Counter()
     total = 0.0
     for k in kernels:
         total += k["dur"]
@@ -64,6 +66,9 @@ def main(path: str, steps: int) -> None:
             key = aten[0] if aten else f"{names[-1] if names else launch['name']} in {where}"  # e.g. CUDA graphs
         by_op[key] += k["dur"]
         count[key] += 1
+        launched_by = (k["name"][:70], " > ".join(aten[-3:]) or "-", where)
+        by_kernel[launched_by] += k["dur"]
+        kernel_count[launched_by] += 1
     print(f"kernel time {total / 1e3 / steps:.1f} ms/step")
     print("\nby labelled range (ms/step):")
     for name, us in by_region.most_common(30):
@@ -80,6 +85,10 @@ def main(path: str, steps: int) -> None:
     print("\nby launching aten op, copies by the op that asked for them (ms/step, kernels/step):")
     for name, us in by_op.most_common(40):
         print(f"  {us / 1e3 / steps:8.1f}  {count[name] / steps:7.0f}  {name}")
+    print("\nby kernel, with the innermost aten ops that launched it and its range (ms/step, kernels/step):")
+    for (kernel, chain, where), us in by_kernel.most_common(40):
+        print(f"  {us / 1e3 / steps:8.1f}  {kernel_count[kernel, chain, where] / steps:7.0f}  {kernel}  <- {chain}  "
+              f"in {where}")
 
 
 def gpu_lead_by_range(kernels: list[dict], launches: dict, ranges: list[dict],
