@@ -96,6 +96,50 @@ def test_triton_group_norm_matches_float64_in_the_interpreter():
             assert plan["out"] < 1e-6 and max(plan["grads"]) < 1e-6 and plan["channels_last"], (case, plan)
 
 
+CHOICE_SCRIPT = r"""
+import json, time
+import torch
+import torch.nn.functional as F
+from ctm_core.networks import group_norm_nhwc as gn
+
+launched = []
+def wall_ms(run):  # the CPU's clock for the GPU's: each candidate really launches (in the interpreter)
+    start = time.perf_counter()
+    launched.append(run.args[0])
+    run()
+    return (time.perf_counter() - start) * 1e3
+gn.FORWARD_PLANS, gn.BACKWARD_PLANS = gn.FastestPlan(time_ms=wall_ms), gn.FastestPlan(time_ms=wall_ms)
+gn._may_time = lambda x: (lambda: True)  # as on a GPU outside a capture
+
+torch.manual_seed(0)
+x = (5 + 3 * torch.randn(2, 32, 5, 5)).to(memory_format=torch.channels_last).requires_grad_()
+weight, bias, shift = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True), torch.randn(2, 32)
+out = gn.group_norm_nhwc(x, weight, bias, 8, 1e-6, True, shift.requires_grad_())
+grads = torch.autograd.grad(out, [x, weight, bias, shift], torch.ones_like(out))
+ref_in = [t.detach().double().requires_grad_() for t in (x, weight, bias, shift)]
+ref = F.silu(F.group_norm(ref_in[0] + ref_in[3][:, :, None, None], 8, ref_in[1], ref_in[2], 1e-6))
+ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
+err = lambda a, b: float((a.double() - b).norm() / b.norm())
+print(json.dumps({"out": err(out, ref), "grads": [err(a, b) for a, b in zip(grads, ref_grads)],
+                  "launched": len(launched), "candidates": len(gn.CANDIDATE_PLANS),
+                  "chosen": [len(gn.FORWARD_PLANS.chosen()), len(gn.BACKWARD_PLANS.chosen())]}))
+"""
+
+
+def test_the_operators_time_every_plan_on_their_own_launches_and_keep_one():
+    """The wiring between the operators and FastestPlan: where timing is allowed (a GPU outside a capture),
+    the forward and the backward operator each time every candidate through their own launch closures (here
+    on the interpreter with the CPU's clock), keep one plan for the signature, and still return the norm."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", CHOICE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["launched"] == 2 * result["candidates"]  # forward and backward, every plan once
+    assert result["chosen"] == [1, 1]
+    assert result["out"] < 1e-6 and max(result["grads"]) < 1e-6, result
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_candidate_plan_compiles_for_ampere_and_hopper_without_spilling(arch):
     """The interpreter runs the kernels' Python, not Triton's compiler, which refuses more (a loop-carried
