@@ -52,6 +52,17 @@ def resources(kernel, signature: dict, constants: dict, warps: int, target: GPUT
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
 
 
+def plan_resources(x: torch.Tensor, groups: int, plan: gn.LaunchPlan, silu: bool, shift: bool,
+                   target: GPUTarget) -> tuple[tuple[int, int], dict, list[tuple[int, int]]]:
+    """(grid, launch options, [(registers, spilled bytes) of the forward, of the backward]) for x cut by
+    `plan`, exactly as the operators launch it."""
+    grid, _, _, options = gn._launch_plan(x, groups, plan)
+    constants = dict(options, SILU=silu, HAS_SHIFT=shift)
+    warps = constants.pop("num_warps")
+    return grid, options, [resources(kernel, signature, constants, warps, target)
+                     for kernel, signature in ((gn._forward_kernel, FORWARD), (gn._backward_kernel, BACKWARD))]
+
+
 def resident_warps(registers: int, warps: int) -> int:
     """Warps an SM keeps resident for programs of `warps` warps at `registers` per thread (allocation
     granularity ignored)."""
@@ -72,14 +83,9 @@ def main(argv=None) -> None:
     for channels, height, width, with_shift in SHAPES:
         x = torch.empty(args.batch, channels, height, width)
         for plan in gn.CANDIDATE_PLANS:
-            grid, _, _, options = gn._launch_plan(x, 32, plan)
-            warps = options.pop("num_warps")
-            constants = dict(options, SILU=True, HAS_SHIFT=with_shift)
-            row = []
-            for kernel, signature in ((gn._forward_kernel, FORWARD), (gn._backward_kernel, BACKWARD)):
-                registers, spilled = resources(kernel, signature, constants, warps, target)
-                row.append(f"{registers} / {spilled} / {resident_warps(registers, warps)}")
-            per_thread = options["BLOCK_HW"] * options["BLOCK_C"] // (32 * warps)
+            grid, options, usage = plan_resources(x, 32, plan, True, with_shift, target)
+            row = [f"{registers} / {spilled} / {resident_warps(registers, plan.warps)}" for registers, spilled in usage]
+            per_thread = options["BLOCK_HW"] * options["BLOCK_C"] // (32 * plan.warps)
             print(f"| {(args.batch, channels, height, width)} | {'yes' if with_shift else 'no'} "
                   f"| {(plan.channels, plan.tile, plan.warps)} | {grid[0] * grid[1]} | {per_thread} "
                   f"| {row[0]} | {row[1]} |", flush=True)

@@ -39,6 +39,7 @@ Variants (everything else as configs/cifar10_ctm.yaml, GAN on from step 0, bf16 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import sys
@@ -262,12 +263,11 @@ def norm_plans() -> dict[str, dict[str, int]]:
     module = sys.modules.get("ctm_core.networks.group_norm_nhwc")
     if module is None:
         return {}
-    counts: dict[str, dict[str, int]] = {}
-    for direction, chooser in (("forward", module.FORWARD_PLANS), ("backward", module.BACKWARD_PLANS)):
-        for plan in chooser.chosen().values():
-            key = f"{plan.channels}/{plan.tile}/{plan.warps}"
-            counts.setdefault(direction, {})[key] = counts.get(direction, {}).get(key, 0) + 1
-    return counts
+    choosers = {"forward": module.FORWARD_PLANS, "backward": module.BACKWARD_PLANS}
+    counts = {direction: collections.Counter(f"{plan.channels}/{plan.tile}/{plan.warps}"
+                                             for plan in chooser.chosen().values())
+              for direction, chooser in choosers.items()}
+    return {direction: dict(count) for direction, count in counts.items() if count}
 
 
 def run_variant(name: str, work: Path, teacher: Path, common: list[str], steps: int, warmup: int,

@@ -149,21 +149,18 @@ def test_every_candidate_plan_compiles_for_ampere_and_hopper_without_spilling(ar
     import torch
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from group_norm_registers import BACKWARD, FORWARD, resources
+    from group_norm_registers import plan_resources
     from triton.backends.compiler import GPUTarget
 
-    from ctm_core.networks import group_norm_nhwc as gn
+    from ctm_core.networks.group_norm_nhwc import CANDIDATE_PLANS
 
     target, x = GPUTarget("cuda", arch, 32), torch.empty(256, 512, 32, 32)
     seen = set()
-    for plan in gn.CANDIDATE_PLANS:
-        _, _, _, options = gn._launch_plan(x, 32, plan)
-        warps = options.pop("num_warps")
+    for plan in CANDIDATE_PLANS:
         for flags in ((True, True), (False, False)):
-            constants = dict(options, SILU=flags[0], HAS_SHIFT=flags[1])
-            for kernel, signature in ((gn._forward_kernel, FORWARD), (gn._backward_kernel, BACKWARD)):
-                registers, spilled = resources(kernel, signature, constants, warps, target)
-                assert spilled == 0 and registers <= 255, (plan, flags, kernel.__name__, registers, spilled)
+            _, _, usage = plan_resources(x, 32, plan, *flags, target)
+            for kernel, (registers, spilled) in zip(("forward", "backward"), usage, strict=True):
+                assert spilled == 0 and registers <= 255, (plan, flags, kernel, registers, spilled)
                 seen.add(registers)
     assert len(seen) > 1  # the plans differ in what they hold per thread: the reading is real
 
