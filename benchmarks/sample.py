@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ctm_core.builders import build_model  # noqa: E402
+from ctm_core.networks import compile_options  # noqa: E402
 from ctm_core.samplers import gamma_sample  # noqa: E402
 from train_step import META, bf16_ceiling, count_flops, make_config, randomise_outputs, summary, time_ms  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = prec != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
         if compiled:
-            model.backbone.compile()
+            model.backbone.compile(**compile_options())
         for nfe in nfes:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

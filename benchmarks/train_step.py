@@ -72,6 +72,7 @@ from ctm_core.config import TrainConfig, load_config  # noqa: E402
 from ctm_core.ema import EMABank  # noqa: E402
 from ctm_core.losses import (GridTimes, adaptive_weight, ctm_loss, dsm_loss, generator_adversarial_loss, last_layer_grad_norm,  # noqa: E402
                              make_distance)
+from ctm_core.networks import compile_options  # noqa: E402
 from ctm_core.networks.unet import UNetBlock  # noqa: E402
 from ctm_core.objective import DiscriminatorObjective, GeneratorObjective, MicroBatch  # noqa: E402
 from ctm_core.parameterization import CTMModel  # noqa: E402
@@ -366,7 +367,7 @@ def apply_variant(setup: Setup, name: str, log: Callable[[str], None]) -> dict[s
         models = [setup.teacher] if name == "+compile-teacher" else setup.unets()
         for model in models:
             if model not in setup.compiled:
-                model.backbone.compile()
+                model.backbone.compile(**compile_options())
                 setup.compiled.append(model)
         current = setup.g_objective._frozen["teacher"]
         if isinstance(setup.teacher_impl(), GraphedTeacher) and setup.teacher in models:

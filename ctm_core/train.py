@@ -36,6 +36,7 @@ from .distributed import DistEnv, barrier, broadcast_object, init_distributed
 from .ema import EMABank
 from .evaluation import Evaluator, metric_key, save_sample_figure
 from .losses import make_distance, sample_cd_times, sample_ctm_times, sample_dsm_times
+from .networks.trunk import compile_options
 from .networks.unet import HAS_TRITON, use_triton_norms
 from .objective import DiscriminatorObjective, GeneratorObjective, MicroBatch, StepWeights
 from .parameterization import CTMModel
@@ -105,7 +106,7 @@ def _accelerate_teacher(teacher: CTMModel, loop: TrainLoopConfig, device: torch.
     if device.type != "cuda":
         return teacher
     if loop.compile_teacher != "off":
-        teacher.backbone.compile()
+        teacher.backbone.compile(**compile_options())
     return GraphedTeacher(teacher) if loop.teacher_graphs != "off" else teacher
 
 
