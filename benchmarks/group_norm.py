@@ -65,7 +65,9 @@ def errors(fn, x: torch.Tensor, shift, reference) -> str:
 
 
 def plans_table(shapes) -> None:
-    """Every candidate launch plan's kernel time per shape, and which one FastestPlan keeps."""
+    """Every candidate launch plan's kernel time per shape; the plan with the least forward + backward time
+    in bold. FastestPlan chooses the forward's and the backward's plans apart, so read those columns for what
+    it keeps."""
     from triton.testing import do_bench
 
     from ctm_core.networks import group_norm_nhwc as gn
